@@ -1,0 +1,14 @@
+//! blip2-server: BLIP-2 (EVA ViT-g + Q-Former + OPT / Flan-T5) inference whose outputs are
+//! those of Hugging Face transformers' `Blip2ForConditionalGeneration`.
+//!
+//! Data flows top to bottom: `preprocess` (bytes -> pixel values) and `prompt` (text -> ids)
+//! feed `model` (the three towers), which `generation` drives token by token; `pipeline` ties
+//! them to one loaded checkpoint.
+
+pub mod generation;
+pub mod model;
+pub mod pipeline;
+pub mod preprocess;
+pub mod prompt;
+
+pub use pipeline::{Blip2Pipeline, Generation, LoadOptions, PipelineError};

@@ -1,0 +1,166 @@
+//! Command line: `blip2-server generate` runs one batch through a checkpoint and prints the
+//! result, one line per image.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use blip2_server::generation::GenerationParams;
+use blip2_server::model::ModelSource;
+use blip2_server::preprocess::ImageLimits;
+use blip2_server::{Blip2Pipeline, LoadOptions, PipelineError};
+
+#[derive(Parser)]
+#[command(
+    name = "blip2-server",
+    version,
+    about = "BLIP-2 inference, exact to transformers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Caption images or answer a prompt about them (greedy decoding), as one batch.
+    Generate {
+        /// A checkpoint directory, or a Hugging Face Hub id such as Salesforce/blip2-opt-2.7b
+        /// (downloaded to the HF cache; HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and
+        /// HF_HUB_OFFLINE=1 are honoured).
+        #[arg(long, env = "BLIP2_MODEL")]
+        model: String,
+        /// Hub revision (branch, tag or commit) when --model is a Hub id.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Image file (PNG, JPEG, WebP, GIF, BMP); repeat for a batch.
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        /// Prompt text: once for all images, or once per image. Without it the model captions
+        /// from BOS alone.
+        #[arg(long = "prompt")]
+        prompts: Vec<String>,
+        /// Maximum number of new tokens.
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        /// EOS is suppressed until this many new tokens exist.
+        #[arg(long, default_value_t = 0)]
+        min_new_tokens: usize,
+        /// Print one JSON object per image per line: token_ids, text, finish_reason, ...
+        #[arg(long)]
+        json: bool,
+        /// Weight dtype (f32 is the exact reference; f16 is refused for Flan-T5).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+        /// Largest accepted image file, in bytes.
+        #[arg(long, default_value_t = ImageLimits::default().max_bytes)]
+        max_image_bytes: usize,
+        /// Largest accepted image, in pixels (width x height), checked before decoding.
+        #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
+        max_image_pixels: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate {
+            model,
+            revision,
+            images,
+            prompts,
+            max_new_tokens,
+            min_new_tokens,
+            json,
+            dtype,
+            max_image_bytes,
+            max_image_pixels,
+        } => {
+            let prompts: Vec<Option<String>> = match prompts.len() {
+                0 => vec![None; images.len()],
+                1 => vec![Some(prompts[0].clone()); images.len()],
+                n if n == images.len() => prompts.into_iter().map(Some).collect(),
+                n => bail!(
+                    "--prompt given {n} times for {} images: give it once or once per image",
+                    images.len()
+                ),
+            };
+            let params = GenerationParams {
+                max_new_tokens,
+                min_new_tokens,
+            };
+            params.validate()?;
+            let bytes = images
+                .iter()
+                .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let options = LoadOptions {
+                dtype: match dtype {
+                    DTypeArg::F32 => DType::F32,
+                    DTypeArg::F16 => DType::F16,
+                    DTypeArg::Bf16 => DType::BF16,
+                },
+                device: Device::Cpu,
+                limits: ImageLimits {
+                    max_bytes: max_image_bytes,
+                    max_pixels: max_image_pixels,
+                },
+            };
+            let source = ModelSource::parse(&model, Some(&revision))?;
+            let pipeline = Blip2Pipeline::load(&source, &options)
+                .with_context(|| format!("loading model {}", source.describe()))?;
+            let outputs = pipeline
+                .generate(&bytes, &prompts, &vec![params; images.len()])
+                .map_err(|e| match e {
+                    PipelineError::Image { index, source } => {
+                        anyhow::anyhow!("{}: {source}", images[index].display())
+                    }
+                    other => other.into(),
+                })?;
+            for ((path, prompt), out) in images.iter().zip(&prompts).zip(outputs) {
+                if json {
+                    let line = serde_json::json!({
+                        "image": path.display().to_string(),
+                        "prompt": prompt,
+                        "token_ids": out.token_ids,
+                        "text": out.text,
+                        "finish_reason": out.finish_reason,
+                        "prompt_tokens": out.prompt_tokens,
+                        "generated_tokens": out.token_ids.len(),
+                    });
+                    println!("{line}");
+                } else {
+                    println!("{}", out.text.trim());
+                }
+            }
+            Ok(())
+        }
+    }
+}

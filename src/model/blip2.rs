@@ -1,0 +1,111 @@
+//! `Blip2ForConditionalGeneration`: pixels -> vision encoder -> Q-Former -> `language_projection`
+//! -> query embeddings that take the place of the image tokens in the language model's input.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{linear, Linear, Module, VarBuilder};
+
+use super::config::{Blip2Config, TextConfig};
+use super::loader::{ModelFiles, SafetensorsWeights};
+use super::opt::OptDecoder;
+use super::qformer::QFormer;
+use super::t5::T5Model;
+use super::vision::VisionEncoder;
+use super::{ModelError, Result};
+
+/// The language model half.
+pub enum LanguageModel {
+    Opt(OptDecoder),
+    T5(T5Model),
+}
+
+/// Intermediate results of the image path, kept for parity tests and caching.
+pub struct ImageFeatures {
+    /// Vision encoder `last_hidden_state` [B, N+1, Dv].
+    pub vision_states: Tensor,
+    /// Q-Former output [B, Q, Dq].
+    pub query_states: Tensor,
+    /// `language_projection(query_states)` [B, Q, D_lm]: what replaces the image tokens.
+    pub query_embeds: Tensor,
+}
+
+pub struct Blip2Model {
+    pub config: Blip2Config,
+    pub vision: VisionEncoder,
+    pub qformer: QFormer,
+    language_projection: Linear,
+    pub language_model: LanguageModel,
+    dtype: DType,
+    device: Device,
+}
+
+impl Blip2Model {
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let config = read_config(&files.config)?;
+        if dtype == DType::F16 && matches!(config.text, TextConfig::T5(_)) {
+            return Err(ModelError::Config(
+                "Flan-T5 overflows in f16 (as in the reference); use --dtype f32 or bf16".into(),
+            ));
+        }
+        let weights = SafetensorsWeights::open(&files.weights)?;
+        Self::from_var_builder(config, weights.into_var_builder(dtype, device))
+    }
+
+    pub fn from_var_builder(config: Blip2Config, vb: VarBuilder) -> Result<Self> {
+        let wrap = |e: ModelError| match e {
+            ModelError::Tensor(e) => ModelError::Weights(e.to_string()),
+            other => other,
+        };
+        let vision = VisionEncoder::new(&config.vision, vb.pp("vision_model")).map_err(wrap)?;
+        let qformer =
+            QFormer::new(&config.qformer, config.num_query_tokens, vb.clone()).map_err(wrap)?;
+        let language_projection = linear(
+            config.qformer.hidden_size,
+            config.text.hidden_size(),
+            vb.pp("language_projection"),
+        )
+        .map_err(|e| wrap(e.into()))?;
+        let lm_vb = vb.pp("language_model");
+        let language_model = match &config.text {
+            TextConfig::Opt(c) => LanguageModel::Opt(OptDecoder::new(c, lm_vb).map_err(wrap)?),
+            TextConfig::T5(c) => LanguageModel::T5(T5Model::new(c, lm_vb).map_err(wrap)?),
+        };
+        Ok(Self {
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            config,
+            vision,
+            qformer,
+            language_projection,
+            language_model,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Pixels [B, 3, H, W] (f32, normalised) -> every intermediate of the image path.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<ImageFeatures> {
+        let pixel_values = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let vision_states = self.vision.forward(&pixel_values)?;
+        let query_states = self.qformer.forward(&vision_states)?;
+        let query_embeds = self.language_projection.forward(&query_states)?;
+        Ok(ImageFeatures {
+            vision_states,
+            query_states,
+            query_embeds,
+        })
+    }
+}
+
+pub fn read_config(path: &Path) -> Result<Blip2Config> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::Files(format!("{}: {e}", path.display())))?;
+    Blip2Config::from_json_str(&text)
+}

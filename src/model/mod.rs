@@ -1,0 +1,34 @@
+//! BLIP-2 itself: the HF checkpoint format (config, loader), the three towers (vision encoder,
+//! Q-Former, language model) and the composite that turns pixels into prompt embeddings.
+//!
+//! Weights are immutable after load (`&self` everywhere); per-sequence state (the KV cache) lives
+//! outside, in the caller's hands, so one model serves many sequences at once.
+
+pub mod blip2;
+pub mod config;
+pub mod loader;
+pub mod opt;
+pub mod qformer;
+pub mod t5;
+pub mod vision;
+
+pub use blip2::{Blip2Model, LanguageModel};
+pub use config::{Blip2Config, TextConfig};
+pub use loader::{ModelFiles, ModelSource};
+
+/// Errors from loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Files(String),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,316 @@
+//! The OPT decoder as transformers' `OPTForCausalLM` runs it: learned positions with offset 2,
+//! pre-LN blocks (post-LN when `do_layer_norm_before` is false), q scaled by hd^-0.5 after its
+//! projection, ReLU FFN, final LayerNorm, and a head tied to `embed_tokens` unless one is stored.
+//!
+//! The weights are read-only; keys and values of past tokens live in an [`OptKvCache`] that the
+//! caller owns, so one decoder serves any number of sequences and batches at once.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear_b, Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::config::{Activation, OptConfig};
+use super::vision::{merge_heads, split_heads};
+use super::{ModelError, Result};
+
+/// transformers' `OPTLearnedPositionalEmbedding.offset`.
+const POSITION_OFFSET: usize = 2;
+
+/// Keys and values of every layer for a batch of rows, `[B, H, T, hd]` each.
+#[derive(Debug, Clone)]
+pub struct OptKvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl OptKvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of cached positions (0 before the prefill).
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the given batch rows, in that order (rows that finished cost nothing after).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let Some(device) = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone())
+        else {
+            return Ok(());
+        };
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &device,
+        )?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Additive attention mask `[B, 1, S, past + S]`: query `i` of row `b` (absolute position
+/// `past + i`) sees key `j` iff `j <= past + i` and `key_mask[b][j] == 1`. Masked entries get
+/// `f32::MIN` as the reference does (not -inf, so a fully padded row stays finite).
+pub fn causal_mask(key_mask: &[Vec<u8>], past: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let b = key_mask.len();
+    let t = past + s;
+    let mut data = vec![0f32; b * s * t];
+    for (row, keys) in key_mask.iter().enumerate() {
+        if keys.len() != t {
+            return Err(ModelError::Input(format!(
+                "attention mask row {row} has {} entries, expected {t}",
+                keys.len()
+            )));
+        }
+        for i in 0..s {
+            let base = (row * s + i) * t;
+            for (j, &keep) in keys.iter().enumerate() {
+                if j > past + i || keep == 0 {
+                    data[base + j] = f32::MIN;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, s, t), device)?)
+}
+
+struct OptAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    scaling: f64,
+}
+
+impl OptAttention {
+    fn new(cfg: &OptConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let bias = cfg.enable_bias;
+        Ok(Self {
+            q_proj: linear_b(d, d, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(d, d, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(d, d, bias, vb.pp("v_proj"))?,
+            out_proj: linear_b(d, d, bias, vb.pp("out_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            scaling: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let q = split_heads(&(self.q_proj.forward(xs)? * self.scaling)?, self.num_heads)?;
+        let k = split_heads(&self.k_proj.forward(xs)?, self.num_heads)?;
+        let v = split_heads(&self.v_proj.forward(xs)?, self.num_heads)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        // Scores and softmax in f32 whatever the weights' dtype, as the reference does.
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let ctx = merge_heads(&probs.matmul(&v)?)?;
+        *cache = Some((k, v));
+        Ok(self.out_proj.forward(&ctx)?)
+    }
+}
+
+fn opt_layer_norm(cfg: &OptConfig, vb: VarBuilder) -> Result<LayerNorm> {
+    let d = cfg.hidden_size;
+    if cfg.layer_norm_elementwise_affine {
+        Ok(candle_nn::layer_norm(d, 1e-5, vb)?)
+    } else {
+        let ones = Tensor::ones(d, vb.dtype(), vb.device())?;
+        Ok(LayerNorm::new(ones.clone(), ones.zeros_like()?, 1e-5))
+    }
+}
+
+struct OptLayer {
+    self_attn: OptAttention,
+    self_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
+    act: Activation,
+    pre_norm: bool,
+}
+
+impl OptLayer {
+    fn new(cfg: &OptConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            self_attn: OptAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn_layer_norm: opt_layer_norm(cfg, vb.pp("self_attn_layer_norm"))?,
+            fc1: linear_b(d, cfg.ffn_dim, cfg.enable_bias, vb.pp("fc1"))?,
+            fc2: linear_b(cfg.ffn_dim, d, cfg.enable_bias, vb.pp("fc2"))?,
+            final_layer_norm: opt_layer_norm(cfg, vb.pp("final_layer_norm"))?,
+            act: cfg.activation_function,
+            pre_norm: cfg.do_layer_norm_before,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let h = if self.pre_norm {
+            self.self_attn_layer_norm.forward(xs)?
+        } else {
+            xs.clone()
+        };
+        let mut xs = (xs + self.self_attn.forward(&h, mask, cache)?)?;
+        if !self.pre_norm {
+            xs = self.self_attn_layer_norm.forward(&xs)?;
+        }
+        let h = if self.pre_norm {
+            self.final_layer_norm.forward(&xs)?
+        } else {
+            xs.clone()
+        };
+        let h = self
+            .fc2
+            .forward(&self.act.forward(&self.fc1.forward(&h)?)?)?;
+        let mut xs = (xs + h)?;
+        if !self.pre_norm {
+            xs = self.final_layer_norm.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// `OPTForCausalLM` without its own cache.
+pub struct OptDecoder {
+    embed_tokens: Embedding,
+    embed_positions: Embedding,
+    layers: Vec<OptLayer>,
+    final_layer_norm: Option<LayerNorm>,
+    lm_head: Linear,
+    max_positions: usize,
+}
+
+impl OptDecoder {
+    /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints).
+    pub fn new(cfg: &OptConfig, vb: VarBuilder) -> Result<Self> {
+        let dec = vb.pp("model.decoder");
+        let d = cfg.hidden_size;
+        let embed_tokens = embedding(cfg.vocab_size, d, dec.pp("embed_tokens"))?;
+        let embed_positions = embedding(
+            cfg.max_position_embeddings + POSITION_OFFSET,
+            d,
+            dec.pp("embed_positions"),
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| OptLayer::new(cfg, dec.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = if cfg.do_layer_norm_before && !cfg.remove_final_layer_norm {
+            Some(opt_layer_norm(cfg, dec.pp("final_layer_norm"))?)
+        } else {
+            None
+        };
+        // Some checkpoints store the head; otherwise it is tied to the input embeddings.
+        let head_weight = if vb.contains_tensor("lm_head.weight") {
+            vb.get((cfg.vocab_size, d), "lm_head.weight")?
+        } else {
+            embed_tokens.embeddings().clone()
+        };
+        Ok(Self {
+            embed_tokens,
+            embed_positions,
+            layers,
+            final_layer_norm,
+            lm_head: Linear::new(head_weight, None),
+            max_positions: cfg.max_position_embeddings,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn new_cache(&self) -> OptKvCache {
+        OptKvCache::new(self.layers.len())
+    }
+
+    /// Token ids [B, S] (u32) -> embeddings [B, S, D].
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(ids)?)
+    }
+
+    /// Runs `embeds` [B, S, D] at `positions` [B, S] (u32, `cumsum(mask) - 1`; pads may be any
+    /// valid index) with the additive `mask` from [`causal_mask`]; appends to `cache` and
+    /// returns the final hidden states [B, S, D].
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<i64>],
+        mask: &Tensor,
+        cache: &mut OptKvCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = embeds.dims3()?;
+        let mut flat = Vec::with_capacity(b * s);
+        for row in positions {
+            for &p in row {
+                // The reference looks pads up at position -1 + 2 = 1; they are masked anyway.
+                let idx = p + POSITION_OFFSET as i64;
+                if idx < 0 || p >= self.max_positions as i64 {
+                    return Err(ModelError::Input(format!(
+                        "sequence too long: position {p} is past max_position_embeddings {}",
+                        self.max_positions
+                    )));
+                }
+                flat.push(idx as u32);
+            }
+        }
+        if flat.len() != b * s {
+            return Err(ModelError::Input(
+                "position ids do not match the embeddings".into(),
+            ));
+        }
+        let pos = Tensor::from_vec(flat, (b, s), embeds.device())?;
+        let mut xs = (embeds
+            + self
+                .embed_positions
+                .forward(&pos)?
+                .to_dtype(embeds.dtype())?)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, mask, layer_cache)?;
+        }
+        if let Some(norm) = &self.final_layer_norm {
+            xs = norm.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+
+    /// Logits [B, V] (f32) of the last position of `hidden` [B, S, D].
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let s = hidden.dim(1)?;
+        let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
+    }
+}

@@ -1,0 +1,129 @@
+//! The Querying Transformer as transformers' `Blip2QFormerModel` runs it for generation: learned
+//! query tokens, LayerNorm before the layers, post-LN BERT blocks whose every
+//! `cross_attention_frequency`-th layer also attends to the vision tokens, and the query FFN
+//! (`intermediate_query` / `output_query`). The text FFN is never on this path.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+
+use super::config::{Activation, QFormerConfig};
+use super::vision::{attend, merge_heads, split_heads};
+use super::Result;
+
+/// BERT attention (`attention.attention` + `attention.output`): `LN(dense(ctx) + x)`.
+struct QFormerAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    layer_norm: LayerNorm,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl QFormerAttention {
+    fn new(cfg: &QFormerConfig, kv_width: usize, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let attn = vb.pp("attention");
+        let out = vb.pp("output");
+        Ok(Self {
+            query: linear(d, d, attn.pp("query"))?,
+            key: linear(kv_width, d, attn.pp("key"))?,
+            value: linear(kv_width, d, attn.pp("value"))?,
+            dense: linear(d, d, out.pp("dense"))?,
+            layer_norm: layer_norm(d, cfg.layer_norm_eps, out.pp("LayerNorm"))?,
+            num_heads: cfg.num_attention_heads,
+            scale: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
+        })
+    }
+
+    /// `context` is `xs` for self-attention and the vision states for cross-attention.
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let q = split_heads(&self.query.forward(xs)?, self.num_heads)?;
+        let k = split_heads(&self.key.forward(context)?, self.num_heads)?;
+        let v = split_heads(&self.value.forward(context)?, self.num_heads)?;
+        let ctx = merge_heads(&attend(&q, &k, &v, self.scale)?)?;
+        let h = self.dense.forward(&ctx)?;
+        Ok(self.layer_norm.forward(&(h + xs)?)?)
+    }
+}
+
+struct QFormerLayer {
+    self_attention: QFormerAttention,
+    cross_attention: Option<QFormerAttention>,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    act: Activation,
+}
+
+impl QFormerLayer {
+    fn new(cfg: &QFormerConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let cross_attention = if index % cfg.cross_attention_frequency == 0 {
+            Some(QFormerAttention::new(
+                cfg,
+                cfg.encoder_hidden_size,
+                vb.pp("crossattention"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            self_attention: QFormerAttention::new(cfg, d, vb.pp("attention"))?,
+            cross_attention,
+            intermediate: linear(d, cfg.intermediate_size, vb.pp("intermediate_query.dense"))?,
+            output: linear(cfg.intermediate_size, d, vb.pp("output_query.dense"))?,
+            output_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output_query.LayerNorm"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, vision_states: &Tensor) -> Result<Tensor> {
+        let mut h = self.self_attention.forward(xs, xs)?;
+        if let Some(cross) = &self.cross_attention {
+            h = cross.forward(&h, vision_states)?;
+        }
+        let ffn = self
+            .output
+            .forward(&self.act.forward(&self.intermediate.forward(&h)?)?)?;
+        Ok(self.output_norm.forward(&(ffn + h)?)?)
+    }
+}
+
+/// Vision states [B, N, Dv] -> query states [B, Q, Dq].
+pub struct QFormer {
+    query_tokens: Tensor,
+    layernorm: LayerNorm,
+    layers: Vec<QFormerLayer>,
+}
+
+impl QFormer {
+    /// `vb` is the checkpoint root: the query tokens live outside the `qformer.` prefix.
+    pub fn new(cfg: &QFormerConfig, num_query_tokens: usize, vb: VarBuilder) -> Result<Self> {
+        let q = vb.pp("qformer");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| QFormerLayer::new(cfg, i, q.pp(format!("encoder.layer.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            query_tokens: vb.get((1, num_query_tokens, cfg.hidden_size), "query_tokens")?,
+            layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, q.pp("layernorm"))?,
+            layers,
+        })
+    }
+
+    pub fn forward(&self, vision_states: &Tensor) -> Result<Tensor> {
+        let b = vision_states.dim(0)?;
+        let (_, nq, d) = self.query_tokens.dims3()?;
+        let queries = self
+            .query_tokens
+            .broadcast_as((b, nq, d))?
+            .contiguous()?
+            .to_dtype(vision_states.dtype())?;
+        let mut xs = self.layernorm.forward(&queries)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, vision_states)?;
+        }
+        Ok(xs)
+    }
+}

@@ -1,0 +1,430 @@
+//! The Flan-T5 encoder-decoder as transformers' `T5ForConditionalGeneration` runs it inside
+//! BLIP-2: the encoder takes input embeddings (image rows already replaced) and a padding mask;
+//! RMSNorm with the variance in f32; unscaled attention; relative position bias computed in
+//! block 0 of each stack and reused by the later blocks (bidirectional buckets in the encoder,
+//! causal buckets in the decoder, none in cross-attention); gated FFN with the activation from
+//! `dense_act_fn`; an untied `lm_head` without the d_model^-0.5 rescale.
+//!
+//! candle-transformers' t5.rs takes no embeddings or masks and buckets the decoder
+//! bidirectionally, so this is our own. Weights are immutable: decoding state lives in
+//! [`T5DecoderState`], owned by the caller.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+
+use super::config::{Activation, T5Config};
+use super::vision::{merge_heads, split_heads};
+use super::{ModelError, Result};
+
+/// T5's LayerNorm: no mean subtraction, no bias, variance in f32.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(d: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(d, "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x32 = xs.to_dtype(DType::F32)?;
+        let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// transformers' `T5Attention._relative_position_bucket`, with the log computed in f32 as torch
+/// does (the bucket edges depend on it).
+pub fn relative_position_bucket(
+    relative_position: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
+    let mut buckets = 0usize;
+    let mut num_buckets = num_buckets as i64;
+    let rp = if bidirectional {
+        num_buckets /= 2;
+        if relative_position > 0 {
+            buckets += num_buckets as usize;
+        }
+        relative_position.abs()
+    } else {
+        (-relative_position).max(0)
+    };
+    let max_exact = num_buckets / 2;
+    if rp < max_exact {
+        return buckets + rp as usize;
+    }
+    let scaled = ((rp as f32) / (max_exact as f32)).ln()
+        / ((max_distance as f64 / max_exact as f64).ln() as f32)
+        * ((num_buckets - max_exact) as f32);
+    let large = (max_exact + scaled as i64).min(num_buckets - 1);
+    buckets + large as usize
+}
+
+struct T5Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    /// Present in block 0 of each stack's self-attention: [num_buckets, num_heads].
+    relative_attention_bias: Option<Embedding>,
+}
+
+impl T5Attention {
+    fn new(cfg: &T5Config, has_bias: bool, vb: VarBuilder) -> Result<Self> {
+        let inner = cfg.num_heads * cfg.d_kv;
+        let relative_attention_bias = if has_bias {
+            Some(embedding(
+                cfg.relative_attention_num_buckets,
+                cfg.num_heads,
+                vb.pp("relative_attention_bias"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            q: linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
+            k: linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
+            v: linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
+            o: linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            num_heads: cfg.num_heads,
+            relative_attention_bias,
+        })
+    }
+
+    /// `bias` [1 or B, H, S, T] is added to the unscaled scores (position bias + mask).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        Ok(self.o.forward(&merge_heads(&probs.matmul(v)?)?)?)
+    }
+
+    fn project_kv(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            split_heads(&self.k.forward(xs)?, self.num_heads)?,
+            split_heads(&self.v.forward(xs)?, self.num_heads)?,
+        ))
+    }
+}
+
+/// Position bias [1, H, S, T] for queries at `q_start..q_start+s` over keys `0..t`.
+fn position_bias(
+    table: &Embedding,
+    cfg: &T5Config,
+    bidirectional: bool,
+    q_start: usize,
+    s: usize,
+    t: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut buckets = Vec::with_capacity(s * t);
+    for i in q_start..q_start + s {
+        for j in 0..t {
+            buckets.push(relative_position_bucket(
+                j as i64 - i as i64,
+                bidirectional,
+                cfg.relative_attention_num_buckets,
+                cfg.relative_attention_max_distance,
+            ) as u32);
+        }
+    }
+    let buckets = Tensor::from_vec(buckets, (s, t), device)?;
+    // [S, T, H] -> [1, H, S, T]
+    Ok(table
+        .forward(&buckets)?
+        .to_dtype(DType::F32)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()?)
+}
+
+struct T5Ffn {
+    wi_0: Linear,
+    wi_1: Option<Linear>,
+    wo: Linear,
+    act: Activation,
+}
+
+impl T5Ffn {
+    fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+        let (act, gated) = cfg.activation()?;
+        let (wi_0, wi_1) = if gated {
+            (
+                linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
+                Some(linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?),
+            )
+        } else {
+            (linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
+        };
+        Ok(Self {
+            wi_0,
+            wi_1,
+            wo: linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut h = self.act.forward(&self.wi_0.forward(xs)?)?;
+        if let Some(wi_1) = &self.wi_1 {
+            h = (h * wi_1.forward(xs)?)?;
+        }
+        Ok(self.wo.forward(&h)?)
+    }
+}
+
+struct EncoderBlock {
+    attn_norm: RmsNorm,
+    attn: T5Attention,
+    ffn_norm: RmsNorm,
+    ffn: T5Ffn,
+}
+
+struct DecoderBlock {
+    self_norm: RmsNorm,
+    self_attn: T5Attention,
+    cross_norm: RmsNorm,
+    cross_attn: T5Attention,
+    ffn_norm: RmsNorm,
+    ffn: T5Ffn,
+}
+
+/// Per-batch decoding state: self-attention keys/values so far, cross-attention keys/values
+/// computed once from the encoder output, and the encoder padding mask.
+pub struct T5DecoderState {
+    self_kv: Vec<Option<(Tensor, Tensor)>>,
+    cross_kv: Vec<(Tensor, Tensor)>,
+    /// [B, 1, 1, L] additive (0 or f32::MIN).
+    cross_mask: Tensor,
+    /// Decoder positions consumed so far.
+    pub step: usize,
+}
+
+impl T5DecoderState {
+    /// Keeps only the given batch rows, in that order.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            self.cross_mask.device(),
+        )?;
+        for (k, v) in self
+            .self_kv
+            .iter_mut()
+            .flatten()
+            .chain(self.cross_kv.iter_mut())
+        {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        self.cross_mask = self.cross_mask.index_select(&idx, 0)?;
+        Ok(())
+    }
+}
+
+/// `[B, 1, 1, L]` additive mask from a 0/1 padding mask.
+fn padding_mask(mask: &[Vec<u8>], device: &Device) -> Result<Tensor> {
+    let b = mask.len();
+    let l = mask.first().map(Vec::len).unwrap_or(0);
+    let mut data = Vec::with_capacity(b * l);
+    for row in mask {
+        if row.len() != l {
+            return Err(ModelError::Input("ragged attention mask".into()));
+        }
+        data.extend(row.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }));
+    }
+    Ok(Tensor::from_vec(data, (b, 1, 1, l), device)?)
+}
+
+pub struct T5Model {
+    shared: Embedding,
+    encoder: Vec<EncoderBlock>,
+    encoder_norm: RmsNorm,
+    decoder: Vec<DecoderBlock>,
+    decoder_norm: RmsNorm,
+    lm_head: Linear,
+    cfg: T5Config,
+}
+
+impl T5Model {
+    /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints).
+    pub fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let eps = cfg.layer_norm_epsilon;
+        let shared = embedding(cfg.vocab_size, d, vb.pp("shared"))?;
+        let enc = vb.pp("encoder");
+        let encoder = (0..cfg.num_layers)
+            .map(|i| {
+                let b = enc.pp(format!("block.{i}"));
+                Ok(EncoderBlock {
+                    attn_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
+                    attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"))?,
+                    ffn_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
+                    ffn: T5Ffn::new(cfg, b.pp("layer.1.DenseReluDense"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dec = vb.pp("decoder");
+        let decoder = (0..cfg.decoder_layers())
+            .map(|i| {
+                let b = dec.pp(format!("block.{i}"));
+                Ok(DecoderBlock {
+                    self_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
+                    self_attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"))?,
+                    cross_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
+                    cross_attn: T5Attention::new(cfg, false, b.pp("layer.1.EncDecAttention"))?,
+                    ffn_norm: RmsNorm::new(d, eps, b.pp("layer.2.layer_norm"))?,
+                    ffn: T5Ffn::new(cfg, b.pp("layer.2.DenseReluDense"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if vb.contains_tensor("lm_head.weight") {
+            Linear::new(vb.get((cfg.vocab_size, d), "lm_head.weight")?, None)
+        } else if cfg.tie_word_embeddings {
+            // Tied T5 heads rescale by d_model^-0.5; BLIP-2's Flan-T5 checkpoints are untied.
+            let w = (shared.embeddings() * (d as f64).powf(-0.5))?;
+            Linear::new(w, None)
+        } else {
+            return Err(ModelError::Weights(format!(
+                "tensor {}.lm_head.weight is missing from the checkpoint (tie_word_embeddings is false)",
+                vb.prefix()
+            )));
+        };
+        Ok(Self {
+            shared,
+            encoder,
+            encoder_norm: RmsNorm::new(d, eps, enc.pp("final_layer_norm"))?,
+            decoder,
+            decoder_norm: RmsNorm::new(d, eps, dec.pp("final_layer_norm"))?,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn decoder_start_token_id(&self) -> u32 {
+        self.cfg
+            .decoder_start_token_id
+            .or(self.cfg.pad_token_id)
+            .unwrap_or(0)
+    }
+
+    /// Token ids [B, S] (u32) -> embeddings [B, S, d_model].
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.shared.forward(ids)?)
+    }
+
+    /// Encoder over input embeddings [B, L, d] with a 0/1 padding `mask` -> last_hidden_state.
+    pub fn encode(&self, embeds: &Tensor, mask: &[Vec<u8>]) -> Result<Tensor> {
+        let (_, l, _) = embeds.dims3()?;
+        let device = embeds.device();
+        let mut bias: Option<Tensor> = None;
+        let pad = padding_mask(mask, device)?;
+        let mut xs = embeds.clone();
+        for block in &self.encoder {
+            if bias.is_none() {
+                let table = block.attn.relative_attention_bias.as_ref().ok_or_else(|| {
+                    ModelError::Weights("encoder block 0 has no relative_attention_bias".into())
+                })?;
+                let pb = position_bias(table, &self.cfg, true, 0, l, l, device)?;
+                bias = Some(pb.broadcast_add(&pad)?);
+            }
+            let bias = bias.as_ref().expect("set above");
+            let h = block.attn_norm.forward(&xs)?;
+            let q = split_heads(&block.attn.q.forward(&h)?, block.attn.num_heads)?;
+            let (k, v) = block.attn.project_kv(&h)?;
+            xs = (xs + block.attn.attend(&q, &k, &v, bias)?)?;
+            let h = block.ffn_norm.forward(&xs)?;
+            xs = (&xs + block.ffn.forward(&h)?)?;
+        }
+        self.encoder_norm.forward(&xs)
+    }
+
+    /// Prepares decoding against `encoder_out` [B, L, d]: cross keys/values once per request.
+    pub fn start_decoding(&self, encoder_out: &Tensor, mask: &[Vec<u8>]) -> Result<T5DecoderState> {
+        let cross_kv = self
+            .decoder
+            .iter()
+            .map(|b| b.cross_attn.project_kv(encoder_out))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(T5DecoderState {
+            self_kv: vec![None; self.decoder.len()],
+            cross_kv,
+            cross_mask: padding_mask(mask, encoder_out.device())?,
+            step: 0,
+        })
+    }
+
+    /// Feeds one token per row and returns the next-token logits [B, V] in f32.
+    pub fn decode_step(&self, ids: &[u32], state: &mut T5DecoderState) -> Result<Tensor> {
+        let device = state.cross_mask.device().clone();
+        let ids = Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &device)?;
+        let mut xs = self.shared.forward(&ids)?;
+        let t = state.step + 1;
+        let mut self_bias: Option<Tensor> = None;
+        for (i, block) in self.decoder.iter().enumerate() {
+            if self_bias.is_none() {
+                let table = block
+                    .self_attn
+                    .relative_attention_bias
+                    .as_ref()
+                    .ok_or_else(|| {
+                        ModelError::Weights("decoder block 0 has no relative_attention_bias".into())
+                    })?;
+                // One query at position `step` sees keys 0..=step: no causal mask needed.
+                self_bias = Some(position_bias(
+                    table, &self.cfg, false, state.step, 1, t, &device,
+                )?);
+            }
+            let bias = self_bias.as_ref().expect("set above");
+            let h = block.self_norm.forward(&xs)?;
+            let q = split_heads(&block.self_attn.q.forward(&h)?, block.self_attn.num_heads)?;
+            let (k, v) = block.self_attn.project_kv(&h)?;
+            let (k, v) = match state.self_kv[i].take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            xs = (xs + block.self_attn.attend(&q, &k, &v, bias)?)?;
+            state.self_kv[i] = Some((k, v));
+
+            let h = block.cross_norm.forward(&xs)?;
+            let q = split_heads(&block.cross_attn.q.forward(&h)?, block.cross_attn.num_heads)?;
+            let (ck, cv) = &state.cross_kv[i];
+            xs = (xs + block.cross_attn.attend(&q, ck, cv, &state.cross_mask)?)?;
+
+            let h = block.ffn_norm.forward(&xs)?;
+            xs = (&xs + block.ffn.forward(&h)?)?;
+        }
+        state.step = t;
+        let xs = self.decoder_norm.forward(&xs)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&xs)?.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_position_bucket;
+
+    #[test]
+    fn buckets_match_t5_reference_values() {
+        // Small distances map to themselves; the causal decoder folds future positions to 0.
+        assert_eq!(relative_position_bucket(-3, false, 32, 128), 3);
+        assert_eq!(relative_position_bucket(3, false, 32, 128), 0);
+        assert_eq!(relative_position_bucket(3, true, 32, 128), 16 + 3);
+        assert_eq!(relative_position_bucket(-3, true, 32, 128), 3);
+        // Far distances saturate at the last bucket.
+        assert_eq!(relative_position_bucket(-1000, false, 32, 128), 31);
+        assert_eq!(relative_position_bucket(1000, true, 32, 128), 31);
+    }
+}

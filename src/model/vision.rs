@@ -1,0 +1,209 @@
+//! The BLIP-2 vision encoder (EVA ViT-g/14 on the real checkpoints), as transformers'
+//! `Blip2VisionModel`: patch embedding + CLS + learned positions, pre-LN blocks with a fused
+//! `qkv` projection, and `post_layernorm` over every token.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+
+use super::config::{Activation, VisionConfig};
+use super::Result;
+
+/// Softmax over the last axis of `q k^T * scale`, then `@ v`; no mask (all vision tokens see all).
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(v)
+}
+
+struct VisionEmbeddings {
+    /// Conv2d(3 -> D, kernel = stride = patch) stored as the conv weight flattened to [D, 3*p*p]:
+    /// with stride == kernel the convolution is exactly one matmul over non-overlapping patches.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    patch_size: usize,
+}
+
+impl VisionEmbeddings {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, p) = (cfg.hidden_size, cfg.patch_size);
+        let num_positions = (cfg.image_size / p).pow(2) + 1;
+        let weight = vb.get((d, 3, p, p), "patch_embedding.weight")?;
+        Ok(Self {
+            patch_weight: weight.reshape((d, 3 * p * p))?.t()?.contiguous()?,
+            patch_bias: vb.get(d, "patch_embedding.bias")?,
+            class_embedding: vb.get((1, 1, d), "class_embedding")?,
+            position_embedding: vb.get((1, num_positions, d), "position_embedding")?,
+            patch_size: p,
+        })
+    }
+
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixel_values.dims4()?;
+        let p = self.patch_size;
+        if c != 3 || h % p != 0 || w % p != 0 {
+            return Err(super::ModelError::Input(format!(
+                "pixel_values must be [B, 3, H, W] with H and W multiples of {p}, got [{b}, {c}, {h}, {w}]"
+            )));
+        }
+        let (gh, gw) = (h / p, w / p);
+        let patches = pixel_values
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b * gh * gw, c * p * p))?;
+        let embeds = patches
+            .matmul(&self.patch_weight)?
+            .broadcast_add(&self.patch_bias)?
+            .reshape((b, gh * gw, ()))?;
+        let d = embeds.dim(2)?;
+        let cls = self.class_embedding.broadcast_as((b, 1, d))?;
+        let embeds = Tensor::cat(&[&cls, &embeds], 1)?;
+        let n = embeds.dim(1)?;
+        let table = self.position_embedding.dim(1)?;
+        if n > table {
+            // The reference slices the table (`[:, :n]`), which fails the same way past its end.
+            return Err(super::ModelError::Input(format!(
+                "image gives {n} vision tokens but the position table has {table}; resize to the model's image_size"
+            )));
+        }
+        Ok(embeds.broadcast_add(&self.position_embedding.narrow(1, 0, n)?)?)
+    }
+}
+
+struct VisionAttention {
+    qkv: Linear,
+    projection: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl VisionAttention {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let qkv_weight = vb.get((3 * d, d), "qkv.weight")?;
+        // Older snapshots store q_bias and v_bias; the key has no bias.
+        let qkv_bias = if vb.contains_tensor("qkv.bias") {
+            Some(vb.get(3 * d, "qkv.bias")?)
+        } else if vb.contains_tensor("q_bias") {
+            let q = vb.get(d, "q_bias")?;
+            let v = vb.get(d, "v_bias")?;
+            Some(Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?)
+        } else if cfg.qkv_bias {
+            return Err(super::ModelError::Weights(format!(
+                "tensor {}.qkv.bias (or q_bias/v_bias) is missing from the checkpoint",
+                vb.prefix()
+            )));
+        } else {
+            None
+        };
+        let head_dim = d / cfg.num_attention_heads;
+        Ok(Self {
+            qkv: Linear::new(qkv_weight, qkv_bias),
+            projection: linear(d, d, vb.pp("projection"))?,
+            num_heads: cfg.num_attention_heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = xs.dims3()?;
+        let hd = d / self.num_heads;
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((b, n, 3, self.num_heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let ctx = attend(&q, &k, &v, self.scale)?
+            .transpose(1, 2)?
+            .reshape((b, n, d))?;
+        Ok(self.projection.forward(&ctx)?)
+    }
+}
+
+struct VisionLayer {
+    layer_norm1: LayerNorm,
+    self_attn: VisionAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl VisionLayer {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: VisionAttention::new(cfg, vb.pp("self_attn"))?,
+            layer_norm2: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?)?;
+        let xs = (xs + h)?;
+        let h = self.layer_norm2.forward(&xs)?;
+        let h = self
+            .fc2
+            .forward(&self.act.forward(&self.fc1.forward(&h)?)?)?;
+        Ok((xs + h)?)
+    }
+}
+
+/// `Blip2VisionModel`: pixels [B, 3, H, W] -> `last_hidden_state` [B, N+1, D] (post-LN, CLS first).
+pub struct VisionEncoder {
+    embeddings: VisionEmbeddings,
+    layers: Vec<VisionLayer>,
+    post_layernorm: LayerNorm,
+}
+
+impl VisionEncoder {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings: VisionEmbeddings::new(cfg, vb.pp("embeddings"))?,
+            layers,
+            post_layernorm: layer_norm(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("post_layernorm"),
+            )?,
+        })
+    }
+
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let mut xs = self.embeddings.forward(pixel_values)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs)?;
+        }
+        Ok(self.post_layernorm.forward(&xs)?)
+    }
+}
+
+/// Splits `[B, T, H*hd]` into heads `[B, H, T, hd]` (contiguous, ready for matmul).
+pub(crate) fn split_heads(xs: &Tensor, num_heads: usize) -> candle_core::Result<Tensor> {
+    let (b, t, d) = xs.dims3()?;
+    xs.reshape((b, t, num_heads, d / num_heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Joins heads `[B, H, T, hd]` back into `[B, T, H*hd]`.
+pub(crate) fn merge_heads(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, t, hd) = xs.dims4()?;
+    xs.transpose(1, 2)?.reshape((b, t, h * hd))
+}
