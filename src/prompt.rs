@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use crate::model::config::{Blip2Config, TextConfig};
+use crate::model::config::Blip2Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
@@ -41,7 +41,6 @@ pub struct PromptBuilder {
     image_token_index: Option<u32>,
     num_query_tokens: usize,
     bos_token_id: Option<u32>,
-    is_encoder_decoder: bool,
     clean_up_spaces: bool,
 }
 
@@ -65,7 +64,6 @@ impl PromptBuilder {
             image_token_index: config.image_token_index,
             num_query_tokens: config.num_query_tokens,
             bos_token_id: config.text.bos_token_id(),
-            is_encoder_decoder: matches!(config.text, TextConfig::T5(_)),
             clean_up_spaces: tc.clean_up_tokenization_spaces.unwrap_or(false),
         })
     }
@@ -74,12 +72,13 @@ impl PromptBuilder {
         &self.tokenizer
     }
 
-    /// Tokenises `prompt`; `None` is the reference's no-prompt start: `[bos]` for OPT; for T5,
-    /// the tokenisation of the empty string (just `</s>`).
+    /// Tokenises `prompt`; `None` is the reference's no-prompt start, `[text_config.bos_token_id]`
+    /// (a T5 config without one falls back to the tokenisation of "", i.e. `</s>`, where the
+    /// reference itself would fail).
     pub fn build(&self, prompt: Option<&str>) -> Result<Prompt, PromptError> {
-        let text_ids = match (prompt, self.is_encoder_decoder, self.bos_token_id) {
-            (None, false, Some(bos)) => vec![bos],
-            (prompt, _, _) => self
+        let text_ids = match (prompt, self.bos_token_id) {
+            (None, Some(bos)) => vec![bos],
+            (prompt, _) => self
                 .tokenizer
                 .encode(prompt.unwrap_or(""), true)
                 .map_err(|e| PromptError::Tokenizer(e.to_string()))?

@@ -89,6 +89,8 @@ pub struct DecodeBatch<'m> {
     /// Next-token logits [active, V] in f32.
     logits: Tensor,
     eos: Vec<u32>,
+    /// T5 only: the encoder's `last_hidden_state` [B, L, d] of the prefill.
+    encoder_output: Option<Tensor>,
 }
 
 impl<'m> DecodeBatch<'m> {
@@ -116,6 +118,7 @@ impl<'m> DecodeBatch<'m> {
         let device = model.device();
         let pad = model.config.text.pad_token_id().unwrap_or(0);
         let longest = prompts.iter().map(|p| p.text_ids.len()).max().unwrap_or(0);
+        let mut encoder_output = None;
         let (state, logits) = match &model.language_model {
             LanguageModel::Opt(opt) => {
                 let max_positions = match &model.config.text {
@@ -180,6 +183,7 @@ impl<'m> DecodeBatch<'m> {
                 let mut state = t5.start_decoding(&encoded, &mask)?;
                 let start = vec![t5.decoder_start_token_id(); b];
                 let logits = t5.decode_step(&start, &mut state)?;
+                encoder_output = Some(encoded);
                 (LmState::T5 { state }, logits)
             }
         };
@@ -197,12 +201,18 @@ impl<'m> DecodeBatch<'m> {
             active: (0..b).collect(),
             logits,
             eos: model.config.text.eos_token_ids(),
+            encoder_output,
         })
     }
 
     /// Next-token logits of the active rows [active, V] (f32).
     pub fn logits(&self) -> &Tensor {
         &self.logits
+    }
+
+    /// The T5 encoder's output for the prefilled rows (None for OPT).
+    pub fn encoder_output(&self) -> Option<&Tensor> {
+        self.encoder_output.as_ref()
     }
 
     pub fn is_done(&self) -> bool {

@@ -3,6 +3,7 @@
 //! dropped, not composited; no EXIF rotation), Pillow-exact resize to `size`, rescale in f64 then
 //! cast to f32, normalise in f32, channels first.
 
+mod jpeg;
 pub mod resize;
 
 use std::io::Cursor;
@@ -220,13 +221,12 @@ pub fn decode_rgb(bytes: &[u8], limits: ImageLimits) -> Result<Image8, Preproces
         });
     }
     let format = image::guess_format(bytes).map_err(|_| PreprocessError::UnknownFormat)?;
+    if format == ImageFormat::Jpeg {
+        return jpeg::decode_rgb(bytes, limits);
+    }
     if !matches!(
         format,
-        ImageFormat::Png
-            | ImageFormat::Jpeg
-            | ImageFormat::WebP
-            | ImageFormat::Gif
-            | ImageFormat::Bmp
+        ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Bmp
     ) {
         return Err(PreprocessError::UnknownFormat);
     }
@@ -238,6 +238,22 @@ pub fn decode_rgb(bytes: &[u8], limits: ImageLimits) -> Result<Image8, Preproces
             .into_dimensions()
             .map_err(|e| PreprocessError::Decode(e.to_string()))?,
     };
+    let pixels = check_pixels(width, height, limits)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(width);
+    decoder_limits.max_image_height = Some(height);
+    // Room for the decoded frame at 16 bits per channel with alpha, plus decoder scratch.
+    decoder_limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(decoder_limits);
+    let img = reader
+        .decode()
+        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    Ok(to_rgb8(img))
+}
+
+/// Refuses images over the pixel limit (and empty ones); returns the pixel count.
+fn check_pixels(width: u32, height: u32, limits: ImageLimits) -> Result<u64, PreprocessError> {
     let pixels = width as u64 * height as u64;
     if pixels > limits.max_pixels {
         return Err(PreprocessError::TooManyPixels {
@@ -252,17 +268,7 @@ pub fn decode_rgb(bytes: &[u8], limits: ImageLimits) -> Result<Image8, Preproces
             "image has no pixels ({width}x{height})"
         )));
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(width);
-    decoder_limits.max_image_height = Some(height);
-    // Room for the decoded frame at 16 bits per channel with alpha, plus decoder scratch.
-    decoder_limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(decoder_limits);
-    let img = reader
-        .decode()
-        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
-    Ok(to_rgb8(img))
+    Ok(pixels)
 }
 
 fn png_ihdr_size(bytes: &[u8]) -> Option<(u32, u32)> {
