@@ -95,7 +95,10 @@ impl Blip2Model {
         let pixel_values = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         let vision_states = self.vision.forward(&pixel_values)?;
         let query_states = self.qformer.forward(&vision_states)?;
-        let query_embeds = self.language_projection.forward(&query_states)?;
+        // The reference casts the Q-Former output back to the vision dtype before projecting.
+        let query_embeds = self
+            .language_projection
+            .forward(&query_states.to_dtype(self.dtype)?)?;
         Ok(ImageFeatures {
             vision_states,
             query_states,

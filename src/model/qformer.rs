@@ -112,14 +112,18 @@ impl QFormer {
         })
     }
 
+    /// The dtype the Q-Former runs in (f32 when the rest of the model is f16, as the reference
+    /// keeps `query_tokens` and `qformer` in f32 then).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.query_tokens.dtype()
+    }
+
+    /// Vision states (any dtype; cast to the Q-Former's) -> query states in the Q-Former's dtype.
     pub fn forward(&self, vision_states: &Tensor) -> Result<Tensor> {
+        let vision_states = &vision_states.to_dtype(self.dtype())?;
         let b = vision_states.dim(0)?;
         let (_, nq, d) = self.query_tokens.dims3()?;
-        let queries = self
-            .query_tokens
-            .broadcast_as((b, nq, d))?
-            .contiguous()?
-            .to_dtype(vision_states.dtype())?;
+        let queries = self.query_tokens.broadcast_as((b, nq, d))?.contiguous()?;
         let mut xs = self.layernorm.forward(&queries)?;
         for layer in &self.layers {
             xs = layer.forward(&xs, vision_states)?;

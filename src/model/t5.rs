@@ -290,12 +290,13 @@ impl T5Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if vb.contains_tensor("lm_head.weight") {
+        let lm_head = if cfg.tie_word_embeddings {
+            // A tied head is `shared`, and the reference rescales its input by d_model^-0.5;
+            // folding the scale into the weight is the same product. (BLIP-2's Flan-T5
+            // checkpoints are untied.)
+            Linear::new((shared.embeddings() * (d as f64).powf(-0.5))?, None)
+        } else if vb.contains_tensor("lm_head.weight") {
             Linear::new(vb.get((cfg.vocab_size, d), "lm_head.weight")?, None)
-        } else if cfg.tie_word_embeddings {
-            // Tied T5 heads rescale by d_model^-0.5; BLIP-2's Flan-T5 checkpoints are untied.
-            let w = (shared.embeddings() * (d as f64).powf(-0.5))?;
-            Linear::new(w, None)
         } else {
             return Err(ModelError::Weights(format!(
                 "tensor {}.lm_head.weight is missing from the checkpoint (tie_word_embeddings is false)",

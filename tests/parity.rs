@@ -1,0 +1,173 @@
+//! Parity with the reference (transformers 4.57.6) at every stage, on the tiny checkpoints and
+//! golden outputs that `tools/make_fixtures.py` produced by running it.
+//!
+//! Tolerances: pixel_values 1e-6 absolute; vision `last_hidden_state`, Q-Former output,
+//! projected queries, T5 encoder output and first-step logits 1e-4 absolute (f32, CPU);
+//! input ids and generated tokens exact, single and batched.
+
+mod common;
+
+use blip2_server::generation::{DecodeBatch, GenerationParams};
+use blip2_server::model::ModelFiles;
+use blip2_server::{Blip2Pipeline, LoadOptions};
+use candle_core::Tensor;
+use common::*;
+
+const PIXEL_TOL: f32 = 1e-6;
+const ACTIVATION_TOL: f32 = 1e-4;
+
+fn load(model: &str) -> Blip2Pipeline {
+    let files = ModelFiles::from_dir(&model_dir(model)).expect("fixture files");
+    Blip2Pipeline::load_files(&files, &LoadOptions::default()).expect("fixture loads")
+}
+
+fn read_images(case: &GoldenCase) -> Vec<Vec<u8>> {
+    case.images
+        .iter()
+        .map(|i| std::fs::read(image_path(i)).unwrap())
+        .collect()
+}
+
+/// Every stage of every case of one checkpoint.
+fn check_model(name: &str) {
+    let pipeline = load(name);
+    let (golden, tensors) = load_golden(name);
+    assert_eq!(golden.model, name);
+    let mut checked_tensors = 0;
+    let mut checked_runs = 0;
+    for case in &golden.cases {
+        let n = case.images.len();
+        let images = read_images(case);
+        let prompts: Vec<Option<String>> = (0..n).map(|i| case.prompt(i)).collect();
+
+        // Prompt assembly: the ids the processor gave, row by row, pads removed.
+        for (i, prompt) in prompts.iter().enumerate() {
+            let built = pipeline.prompts.build(prompt.as_deref()).unwrap();
+            let expected: Vec<u32> = case.input_ids[i]
+                .iter()
+                .zip(&case.attention_mask[i])
+                .filter(|(_, &m)| m == 1)
+                .map(|(&id, _)| id)
+                .collect();
+            assert_eq!(
+                pipeline.prompts.reference_input_ids(&built),
+                expected,
+                "{name}/{}: input ids of row {i}",
+                case.name
+            );
+        }
+
+        let pixels: Vec<Vec<f32>> = images
+            .iter()
+            .map(|b| pipeline.images.pixel_values(b).unwrap())
+            .collect();
+        let pixel_values = pipeline
+            .images
+            .batch_tensor(&pixels, &candle_core::Device::Cpu)
+            .unwrap();
+        let features = pipeline.model.image_features(&pixel_values).unwrap();
+        let built: Vec<_> = prompts
+            .iter()
+            .map(|p| pipeline.prompts.build(p.as_deref()).unwrap())
+            .collect();
+
+        if case.tensors {
+            let get = |key: &str| -> &Tensor {
+                tensors
+                    .get(&format!("{}.{key}", case.name))
+                    .unwrap_or_else(|| panic!("golden tensor {}.{key}", case.name))
+            };
+            let what = |stage: &str| format!("{name}/{}: {stage}", case.name);
+            assert_close(
+                &what("pixel_values"),
+                &pixel_values,
+                get("pixel_values"),
+                PIXEL_TOL,
+            );
+            assert_close(
+                &what("vision last_hidden_state"),
+                &features.vision_states,
+                get("vision_last_hidden_state"),
+                ACTIVATION_TOL,
+            );
+            assert_close(
+                &what("Q-Former output"),
+                &features.query_states,
+                get("qformer_last_hidden_state"),
+                ACTIVATION_TOL,
+            );
+            assert_close(
+                &what("projected queries"),
+                &features.query_embeds,
+                get("language_model_inputs"),
+                ACTIVATION_TOL,
+            );
+            let params = vec![GenerationParams::default(); n];
+            let batch =
+                DecodeBatch::prefill(&pipeline.model, &features.query_embeds, &built, &params)
+                    .unwrap();
+            assert_close(
+                &what("first-step logits"),
+                batch.logits(),
+                get("first_logits"),
+                ACTIVATION_TOL,
+            );
+            if golden.language_model == "t5" {
+                assert_close(
+                    &what("T5 encoder last_hidden_state"),
+                    batch.encoder_output().unwrap(),
+                    get("encoder_last_hidden_state"),
+                    ACTIVATION_TOL,
+                );
+            }
+            checked_tensors += 1;
+        }
+
+        for run in &case.runs {
+            let params = GenerationParams {
+                max_new_tokens: run.max_new_tokens,
+                min_new_tokens: run.min_new_tokens.unwrap_or(0),
+            };
+            let out = pipeline
+                .generate(&images, &prompts, &vec![params; n])
+                .unwrap();
+            for (i, row) in out.iter().enumerate() {
+                assert_eq!(
+                    row.token_ids, run.new_tokens_trimmed[i],
+                    "{name}/{}/{}: tokens of row {i}",
+                    case.name, run.name
+                );
+                assert_eq!(
+                    row.text, run.text[i],
+                    "{name}/{}/{}: text of row {i}",
+                    case.name, run.name
+                );
+            }
+            checked_runs += 1;
+        }
+    }
+    assert!(
+        checked_tensors > 0 && checked_runs > 0,
+        "{name}: golden file has no cases"
+    );
+}
+
+#[test]
+fn opt_tiny_matches_reference_at_every_stage() {
+    check_model("opt-tiny");
+}
+
+#[test]
+fn opt_tiny_legacy_layout_matches_reference_at_every_stage() {
+    check_model("opt-tiny-legacy");
+}
+
+#[test]
+fn t5_tiny_matches_reference_at_every_stage() {
+    check_model("t5-tiny");
+}
+
+#[test]
+fn t5_tiny_legacy_layout_matches_reference_at_every_stage() {
+    check_model("t5-tiny-legacy");
+}

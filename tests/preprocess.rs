@@ -1,0 +1,114 @@
+//! Image preprocessing against the reference (`BlipImageProcessor` on Pillow 13.0.0): the resized
+//! u8 image byte-exact for every source image (PNG RGB/RGBA/L/P, JPEG, BMP, GIF, WebP; large
+//! downscales and upscales; both Pillow pass orders) at 224x224 and 28x28, and `pixel_values`
+//! exact to the f32 bit.
+
+mod common;
+
+use blip2_server::preprocess::{ImageLimits, ImageProcessor};
+use candle_core::{Device, Tensor};
+use common::*;
+
+fn processor(size: usize) -> ImageProcessor {
+    // The Salesforce checkpoints' preprocessor_config.json, at `size`.
+    let json = format!(
+        r#"{{"do_resize": true, "size": {{"height": {size}, "width": {size}}}, "resample": 3,
+            "do_rescale": true, "rescale_factor": 0.00392156862745098, "do_normalize": true,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": true}}"#
+    );
+    ImageProcessor::from_json_str(&json, ImageLimits::default()).unwrap()
+}
+
+fn source_images() -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(fixtures().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    assert!(out.len() >= 8, "fixture images missing");
+    out
+}
+
+fn stem(name: &str) -> &str {
+    name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name)
+}
+
+#[test]
+fn resized_pixels_are_byte_exact() {
+    let mut failures = Vec::new();
+    for size in [224, 28] {
+        let proc = processor(size);
+        for (name, bytes) in source_images() {
+            let ours = proc.resized_rgb(&bytes).unwrap();
+            let golden_path = fixtures()
+                .join("preprocess")
+                .join(format!("{}.{size}.png", stem(&name)));
+            let theirs = image::open(&golden_path).unwrap().into_rgb8();
+            assert_eq!((ours.width, ours.height), (size, size));
+            let differing = ours
+                .data
+                .iter()
+                .zip(theirs.as_raw())
+                .filter(|(a, b)| a != b)
+                .count();
+            if differing != 0 {
+                let worst = ours
+                    .data
+                    .iter()
+                    .zip(theirs.as_raw())
+                    .map(|(a, b)| (*a as i32 - *b as i32).abs())
+                    .max()
+                    .unwrap();
+                failures.push(format!(
+                    "{name} at {size}: {differing} bytes differ (max {worst})"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "resize differs from Pillow:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn pixel_values_are_exact() {
+    let golden = candle_core::safetensors::load(
+        fixtures()
+            .join("preprocess")
+            .join("pixel_values.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut checked = 0;
+    for (size, suffix) in [(224, ""), (28, ".28")] {
+        let proc = processor(size);
+        for (name, bytes) in source_images() {
+            let key = format!("{}{suffix}", stem(&name));
+            let Some(theirs) = golden.get(&key) else {
+                continue;
+            };
+            let ours = Tensor::from_vec(
+                proc.pixel_values(&bytes).unwrap(),
+                (3, size, size),
+                &Device::Cpu,
+            )
+            .unwrap();
+            assert_eq!(
+                max_abs_diff(&ours, theirs),
+                0.0,
+                "{key}: pixel_values differ"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 9, "only {checked} golden pixel_values found");
+}
