@@ -134,8 +134,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             };
             let source = ModelSource::parse(&model, Some(&revision))?;
+            let started = std::time::Instant::now();
             let pipeline = Blip2Pipeline::load(&source, &options)
                 .with_context(|| format!("loading model {}", source.describe()))?;
+            tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+            let started = std::time::Instant::now();
             let outputs = pipeline
                 .generate(&bytes, &prompts, &vec![params; images.len()])
                 .map_err(|e| match e {
@@ -144,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     other => other.into(),
                 })?;
+            tracing::info!(images = images.len(), seconds = started.elapsed().as_secs_f64(), "generated");
             for ((path, prompt), out) in images.iter().zip(&prompts).zip(outputs) {
                 if json {
                     let line = serde_json::json!({
