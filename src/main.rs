@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use blip2_server::generation::GenerationParams;
 use blip2_server::model::ModelSource;
@@ -31,6 +31,79 @@ enum DTypeArg {
     Bf16,
 }
 
+/// Decoding settings; each one left out takes the checkpoint's text-config value, else
+/// transformers' default (greedy, 20 new tokens, top_k 50 when sampling).
+#[derive(Args)]
+struct GenerationArgs {
+    /// Maximum number of new tokens [default: 20].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// EOS is suppressed until this many new tokens exist [default: 0].
+    #[arg(long)]
+    min_new_tokens: Option<usize>,
+    /// Beam search with this many beams [default: 1 = greedy or sampling].
+    #[arg(long)]
+    num_beams: Option<usize>,
+    /// Sample instead of taking the most likely token.
+    #[arg(long)]
+    do_sample: bool,
+    /// Sampling temperature [default: 1.0].
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Sampling: keep the k most likely tokens (0 disables) [default: 50].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sampling: keep the smallest set of tokens whose probability reaches p [default: 1.0].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Penalise tokens already present (prompt included, as transformers does) [default: 1.0].
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Beam search: scores are divided by length ** this [default: 1.0].
+    #[arg(long, allow_hyphen_values = true)]
+    length_penalty: Option<f32>,
+    /// Sequences returned per image (<= num_beams for beam search; needs --do-sample otherwise).
+    #[arg(long)]
+    num_return_sequences: Option<usize>,
+    /// Forbid repeating any n-gram of this size [default: 0 = off].
+    #[arg(long)]
+    no_repeat_ngram_size: Option<usize>,
+    /// Seed of the sampler, for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the text contains this string (cut from the output); repeatable.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+}
+
+impl GenerationArgs {
+    fn apply(self, mut p: GenerationParams) -> GenerationParams {
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(v) = self.$field { p.$field = v; })* };
+        }
+        set!(
+            max_new_tokens,
+            min_new_tokens,
+            num_beams,
+            temperature,
+            top_p,
+            repetition_penalty,
+            length_penalty,
+            num_return_sequences,
+            no_repeat_ngram_size
+        );
+        if let Some(k) = self.top_k {
+            p.top_k = Some(k);
+        }
+        p.do_sample |= self.do_sample;
+        p.seed = self.seed.or(p.seed);
+        if !self.stop.is_empty() {
+            p.stop = self.stop;
+        }
+        p
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Caption images or answer a prompt about them (greedy decoding), as one batch.
@@ -50,12 +123,8 @@ enum Command {
         /// from BOS alone.
         #[arg(long = "prompt")]
         prompts: Vec<String>,
-        /// Maximum number of new tokens.
-        #[arg(long, default_value_t = 20)]
-        max_new_tokens: usize,
-        /// EOS is suppressed until this many new tokens exist.
-        #[arg(long, default_value_t = 0)]
-        min_new_tokens: usize,
+        #[command(flatten)]
+        generation: GenerationArgs,
         /// Print one JSON object per image per line: token_ids, text, finish_reason, ...
         #[arg(long)]
         json: bool,
@@ -96,8 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             revision,
             images,
             prompts,
-            max_new_tokens,
-            min_new_tokens,
+            generation,
             json,
             dtype,
             max_image_bytes,
@@ -112,11 +180,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     images.len()
                 ),
             };
-            let params = GenerationParams {
-                max_new_tokens,
-                min_new_tokens,
-            };
-            params.validate()?;
             let bytes = images
                 .iter()
                 .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
@@ -138,6 +201,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let pipeline = Blip2Pipeline::load(&source, &options)
                 .with_context(|| format!("loading model {}", source.describe()))?;
             tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+            let params = generation.apply(pipeline.default_params());
+            params.validate()?;
             let started = std::time::Instant::now();
             let outputs = pipeline
                 .generate(&bytes, &prompts, &vec![params; images.len()])
@@ -147,21 +212,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     other => other.into(),
                 })?;
-            tracing::info!(images = images.len(), seconds = started.elapsed().as_secs_f64(), "generated");
-            for ((path, prompt), out) in images.iter().zip(&prompts).zip(outputs) {
-                if json {
-                    let line = serde_json::json!({
-                        "image": path.display().to_string(),
-                        "prompt": prompt,
-                        "token_ids": out.token_ids,
-                        "text": out.text,
-                        "finish_reason": out.finish_reason,
-                        "prompt_tokens": out.prompt_tokens,
-                        "generated_tokens": out.token_ids.len(),
-                    });
-                    println!("{line}");
-                } else {
-                    println!("{}", out.text.trim());
+            tracing::info!(
+                images = images.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "generated"
+            );
+            for (index, ((path, prompt), out)) in
+                images.iter().zip(&prompts).zip(outputs).enumerate()
+            {
+                for (sequence, seq) in out.sequences.iter().enumerate() {
+                    if json {
+                        let line = serde_json::json!({
+                            "index": index,
+                            "sequence": sequence,
+                            "image": path.display().to_string(),
+                            "prompt": prompt,
+                            "token_ids": seq.token_ids,
+                            "text": seq.text,
+                            "finish_reason": seq.finish_reason,
+                            "score": seq.score,
+                            "prompt_tokens": out.prompt_tokens,
+                            "generated_tokens": seq.token_ids.len(),
+                        });
+                        println!("{line}");
+                    } else {
+                        println!("{}", seq.text.trim());
+                    }
                 }
             }
             Ok(())

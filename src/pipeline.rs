@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device};
 
-use crate::generation::{DecodeBatch, FinishReason, GenerationParams};
+use crate::generation::{DecodeBatch, GeneratedSequence, GenerationParams, SequenceRequest};
 use crate::model::{Blip2Model, ModelError, ModelFiles, ModelSource};
 use crate::preprocess::{ImageLimits, ImageProcessor, PreprocessError};
 use crate::prompt::{PromptBuilder, PromptError};
@@ -43,12 +43,10 @@ impl Default for LoadOptions {
     }
 }
 
-/// One generated answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The answer(s) for one image: one sequence, or `num_return_sequences` of them.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
-    pub token_ids: Vec<u32>,
-    pub text: String,
-    pub finish_reason: FinishReason,
+    pub sequences: Vec<GeneratedSequence>,
     pub prompt_tokens: usize,
 }
 
@@ -77,6 +75,12 @@ impl Blip2Pipeline {
             images,
             prompts,
         })
+    }
+
+    /// Generation settings when a request gives none: transformers' defaults with the
+    /// checkpoint's `text_config` overrides.
+    pub fn default_params(&self) -> GenerationParams {
+        GenerationParams::from_defaults(&self.model.config.generation)
     }
 
     /// Generates for every image in one batch; `prompts` and `params` have one entry per image.
@@ -115,19 +119,25 @@ impl Blip2Pipeline {
             .batch_tensor(&pixels, self.model.device())
             .map_err(ModelError::from)?;
         let features = self.model.image_features(&pixel_values)?;
-        let sequences =
-            DecodeBatch::prefill(&self.model, &features.query_embeds, &prompts, params)?.run()?;
-        sequences
+        let requests: Vec<SequenceRequest> = prompts
+            .iter()
+            .zip(params)
+            .map(|(p, params)| SequenceRequest::new(p.clone(), params.clone()))
+            .collect();
+        let outputs = DecodeBatch::prefill(
+            &self.model,
+            &self.prompts,
+            &features.query_embeds,
+            &requests,
+        )?
+        .run()?;
+        Ok(outputs
             .into_iter()
             .zip(&prompts)
-            .map(|(seq, prompt)| {
-                Ok(Generation {
-                    text: self.prompts.decode(&seq.token_ids)?,
-                    token_ids: seq.token_ids,
-                    finish_reason: seq.finish_reason,
-                    prompt_tokens: prompt.text_ids.len(),
-                })
+            .map(|(sequences, prompt)| Generation {
+                sequences,
+                prompt_tokens: prompt.text_ids.len(),
             })
-            .collect()
+            .collect())
     }
 }

@@ -37,7 +37,12 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 }
 
 fn token_ids(v: &serde_json::Value) -> Vec<u32> {
-    v["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Runs the CLI on every case with a 12/12 run and compares with the golden tokens.
@@ -53,8 +58,11 @@ fn cli_matches_golden(model: &str) {
         else {
             continue;
         };
-        let images: Vec<String> =
-            case.images.iter().map(|i| image_path(i).display().to_string()).collect();
+        let images: Vec<String> = case
+            .images
+            .iter()
+            .map(|i| image_path(i).display().to_string())
+            .collect();
         let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
         for img in &images {
             args.extend(["--image", img.as_str()]);
@@ -66,9 +74,19 @@ fn cli_matches_golden(model: &str) {
         }
         args.extend(["--max-new-tokens", "12", "--min-new-tokens", "12", "--json"]);
         let lines = json_lines(&blip2(&args));
-        assert_eq!(lines.len(), images.len(), "{model}/{}: one line per image", case.name);
+        assert_eq!(
+            lines.len(),
+            images.len(),
+            "{model}/{}: one line per image",
+            case.name
+        );
         for (i, line) in lines.iter().enumerate() {
-            assert_eq!(token_ids(line), run.new_tokens_trimmed[i], "{model}/{} row {i}", case.name);
+            assert_eq!(
+                token_ids(line),
+                run.new_tokens_trimmed[i],
+                "{model}/{} row {i}",
+                case.name
+            );
             assert_eq!(line["text"], run.text[i], "{model}/{} row {i}", case.name);
         }
         checked += 1;
@@ -93,8 +111,15 @@ fn assert_clean_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure, got success");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
-    assert!(stderr.to_lowercase().contains(&needle.to_lowercase()), "{needle:?} not in {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected: {stderr}"
+    );
+    assert!(
+        stderr.to_lowercase().contains(&needle.to_lowercase()),
+        "{needle:?} not in {stderr}"
+    );
     assert!(out.stdout.is_empty(), "nothing on stdout on error");
 }
 
@@ -131,7 +156,10 @@ fn bad_images_are_one_line_errors() {
 
     let truncated_jpeg = dir.join("truncated.jpg");
     std::fs::write(&truncated_jpeg, &jpeg[..jpeg.len() / 2]).unwrap();
-    assert_clean_error(&generate_with_image(&truncated_jpeg), "could not decode image");
+    assert_clean_error(
+        &generate_with_image(&truncated_jpeg),
+        "could not decode image",
+    );
 
     // A real PNG whose IHDR claims 20000x20000 (CRC fixed up so only the size is wrong).
     let mut bomb = png.clone();
@@ -143,7 +171,10 @@ fn bad_images_are_one_line_errors() {
     std::fs::write(&bomb_path, &bomb).unwrap();
     assert_clean_error(&generate_with_image(&bomb_path), "20000x20000");
 
-    assert_clean_error(&generate_with_image(&dir.join("missing.png")), "missing.png");
+    assert_clean_error(
+        &generate_with_image(&dir.join("missing.png")),
+        "missing.png",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -152,7 +183,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -193,14 +228,23 @@ fn offline_hub_id_not_in_cache_says_what_is_missing() {
     let cache = temp_dir("hf-cache");
     let image = image_path("rgb_640x480.png");
     let out = Command::new(env!("CARGO_BIN_EXE_blip2-server"))
-        .args(["generate", "--model", "Salesforce/blip2-opt-2.7b", "--image", image.to_str().unwrap()])
+        .args([
+            "generate",
+            "--model",
+            "Salesforce/blip2-opt-2.7b",
+            "--image",
+            image.to_str().unwrap(),
+        ])
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", &cache)
         .env_remove("HF_HUB_CACHE")
         .output()
         .unwrap();
     assert_clean_error(&out, "--model /path");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json") || String::from_utf8_lossy(&out.stderr).contains("safetensors"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("config.json")
+            || String::from_utf8_lossy(&out.stderr).contains("safetensors")
+    );
     std::fs::remove_dir_all(&cache).unwrap();
 }
 
@@ -210,7 +254,8 @@ fn prompt_count_must_match_images() {
     let image = image_path("rgb_640x480.png");
     let (m, i) = (model.to_str().unwrap(), image.to_str().unwrap());
     let out = blip2(&[
-        "generate", "--model", m, "--image", i, "--image", i, "--image", i, "--prompt", "a", "--prompt", "b",
+        "generate", "--model", m, "--image", i, "--image", i, "--image", i, "--prompt", "a",
+        "--prompt", "b",
     ]);
     assert_clean_error(&out, "--prompt given 2 times for 3 images");
 }
@@ -220,7 +265,13 @@ fn t5_in_f16_is_refused_with_a_reason() {
     let model = model_dir("t5-tiny");
     let image = image_path("rgb_640x480.png");
     let out = blip2(&[
-        "generate", "--model", model.to_str().unwrap(), "--image", image.to_str().unwrap(), "--dtype", "f16",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--dtype",
+        "f16",
     ]);
     assert_clean_error(&out, "f16");
 }

@@ -35,6 +35,19 @@ ARCHS = {
         image_token_index=50265,
         tokenizer_from="opt-tiny",
     ),
+    # A mid-size checkpoint for decode benchmarks: OPT-350m-sized decoder (pre-LN), ViT-L-sized
+    # vision tower. Not a released model.
+    "opt-mid": dict(
+        text=lambda: OPTConfig(
+            vocab_size=50272, hidden_size=1024, num_hidden_layers=24, ffn_dim=4096,
+            num_attention_heads=16, max_position_embeddings=2048, word_embed_proj_dim=1024,
+            eos_token_id=50118, bos_token_id=2, pad_token_id=1,
+        ),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        qformer=dict(encoder_hidden_size=1024),
+        image_token_index=50265,
+        tokenizer_from="opt-tiny",
+    ),
     # Salesforce/blip2-flan-t5-xl
     "flan-t5-xl": dict(
         text=lambda: T5Config(
@@ -60,7 +73,8 @@ def main():
     spec = ARCHS[args.arch]
     text = spec["text"]()
     config = Blip2Config(
-        vision_config={}, qformer_config={}, text_config=text.to_dict(), num_query_tokens=32,
+        vision_config=spec.get("vision", {}), qformer_config=spec.get("qformer", {}),
+        text_config=text.to_dict(), num_query_tokens=32,
         image_token_index=spec["image_token_index"],
     )
     with torch.device("meta"):
@@ -122,6 +136,9 @@ def main():
     with open(os.path.join(args.out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     src = os.path.join(args.fixtures, "models", spec["tokenizer_from"])
+    if not os.path.isdir(src):
+        print(f"no tokenizer copied: {src} does not exist (run tools/make_fixtures.py first)")
+        return
     for fname in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
         if os.path.exists(os.path.join(src, fname)):
             shutil.copy(os.path.join(src, fname), args.out)

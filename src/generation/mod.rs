@@ -1,25 +1,54 @@
-//! Batched greedy decoding over the language model with per-row KV state.
+//! Decoding over the language model: per-request settings, the logits processors and
+//! samplers transformers' `generate()` applies, beam search, stop strings, and the batch that
+//! runs many requests together.
 //!
-//! Rows enter together after one batched prefill (OPT: `[queries][left pads][text]` with
-//! positions `cumsum(mask) - 1`; T5: `[queries][text][right pads]` through the encoder) and leave
-//! as soon as they finish, their cache rows dropped, so a finished row costs nothing and never
-//! influences the others: each row's tokens equal what it would get alone.
+//! A [`DecodeBatch`] owns the KV state of all its model rows. Each request maps to one row
+//! (greedy), `num_return_sequences` rows (sampling) or `num_beams` rows (beam search); after
+//! every step the rows are re-gathered in one `index_select` that both reorders beams and drops
+//! finished rows, so finished work costs nothing and no request influences another.
+
+mod beam;
+mod detok;
+pub mod processors;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+pub use beam::BeamSearch;
+pub use detok::IncrementalDecoder;
+
+pub use crate::model::config::GenerationDefaults;
 use crate::model::opt::{causal_mask, OptKvCache};
 use crate::model::t5::T5DecoderState;
 use crate::model::{Blip2Model, LanguageModel, ModelError, Result};
-use crate::prompt::Prompt;
+use crate::prompt::{Prompt, PromptBuilder};
 
-/// Per-request decoding settings (greedy).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Per-request decoding settings.
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
     pub max_new_tokens: usize,
-    /// EOS is masked (logit -inf) until this many tokens exist, as transformers'
-    /// `MinNewTokensLengthLogitsProcessor` does.
+    /// EOS is masked (logit -inf) until this many tokens exist.
     pub min_new_tokens: usize,
+    pub do_sample: bool,
+    pub temperature: f32,
+    /// transformers samples with top_k 50 unless told otherwise; `None` or 0 disables it.
+    pub top_k: Option<usize>,
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    /// Beam scores are divided by `length ** length_penalty`.
+    pub length_penalty: f32,
+    pub num_beams: usize,
+    pub num_return_sequences: usize,
+    pub no_repeat_ngram_size: usize,
+    /// Generation ends when the text contains one of these; it is cut from the text.
+    pub stop: Vec<String>,
+    /// Seed of this request's sampler (reproducible whatever else is batched with it).
+    pub seed: Option<u64>,
 }
 
 impl Default for GenerationParams {
@@ -28,22 +57,101 @@ impl Default for GenerationParams {
         Self {
             max_new_tokens: 20,
             min_new_tokens: 0,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: Some(50),
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            length_penalty: 1.0,
+            num_beams: 1,
+            num_return_sequences: 1,
+            no_repeat_ngram_size: 0,
+            stop: Vec::new(),
+            seed: None,
         }
     }
 }
 
+/// The most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 8;
+
 impl GenerationParams {
+    /// The defaults with the checkpoint's text-config overrides applied.
+    pub fn from_defaults(d: &GenerationDefaults) -> Self {
+        let base = Self::default();
+        Self {
+            max_new_tokens: d.max_new_tokens.unwrap_or(base.max_new_tokens),
+            min_new_tokens: d.min_new_tokens.unwrap_or(base.min_new_tokens),
+            do_sample: d.do_sample.unwrap_or(base.do_sample),
+            temperature: d.temperature.unwrap_or(base.temperature),
+            top_k: d.top_k.or(base.top_k),
+            top_p: d.top_p.unwrap_or(base.top_p),
+            repetition_penalty: d.repetition_penalty.unwrap_or(base.repetition_penalty),
+            length_penalty: d.length_penalty.unwrap_or(base.length_penalty),
+            num_beams: d.num_beams.unwrap_or(base.num_beams),
+            num_return_sequences: d.num_return_sequences.unwrap_or(base.num_return_sequences),
+            no_repeat_ngram_size: d.no_repeat_ngram_size.unwrap_or(base.no_repeat_ngram_size),
+            ..base
+        }
+    }
+
+    /// Refuses settings the reference refuses or that make no sense, naming the field.
     pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(ModelError::Input(msg));
         if self.max_new_tokens == 0 {
-            return Err(ModelError::Input("max_new_tokens must be >= 1".into()));
+            return bad("max_new_tokens must be >= 1".into());
         }
         if self.min_new_tokens > self.max_new_tokens {
-            return Err(ModelError::Input(format!(
+            return bad(format!(
                 "min_new_tokens ({}) must not exceed max_new_tokens ({})",
                 self.min_new_tokens, self.max_new_tokens
-            )));
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!("temperature must be > 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return bad("length_penalty must be finite".into());
+        }
+        if self.num_beams == 0 || self.num_return_sequences == 0 {
+            return bad("num_beams and num_return_sequences must be >= 1".into());
+        }
+        if self.num_beams > 1 && self.do_sample {
+            return bad("beam sampling (do_sample with num_beams > 1) is not supported".into());
+        }
+        if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
+            return bad(format!(
+                "num_return_sequences ({}) must be <= num_beams ({})",
+                self.num_return_sequences, self.num_beams
+            ));
+        }
+        if self.num_beams == 1 && !self.do_sample && self.num_return_sequences > 1 {
+            return bad("greedy search returns one sequence: set do_sample or num_beams for num_return_sequences > 1".into());
+        }
+        if self.stop.len() > MAX_STOP_STRINGS || self.stop.iter().any(String::is_empty) {
+            return bad(format!(
+                "stop takes at most {MAX_STOP_STRINGS} non-empty strings"
+            ));
         }
         Ok(())
+    }
+
+    /// Model rows this request occupies while decoding.
+    pub fn rows(&self) -> usize {
+        if self.num_beams > 1 {
+            self.num_beams
+        } else {
+            self.num_return_sequences
+        }
     }
 }
 
@@ -54,13 +162,71 @@ pub enum FinishReason {
     Length,
     /// The model produced an EOS id (kept as the last token).
     EosToken,
+    /// A stop string appeared; it is cut from the text.
+    StopSequence,
+    /// The caller cancelled the request.
+    Cancelled,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedSequence {
     /// New tokens only (EOS included when it ended the sequence).
     pub token_ids: Vec<u32>,
+    /// Decoded text (special tokens skipped), cut before a stop string.
+    pub text: String,
     pub finish_reason: FinishReason,
+    /// Beam search: the length-normalised score; otherwise the sum of the chosen tokens'
+    /// log-probabilities.
+    pub score: f32,
+}
+
+/// One request entering a batch.
+#[derive(Debug, Clone)]
+pub struct SequenceRequest {
+    pub prompt: Prompt,
+    pub params: GenerationParams,
+    /// Set from outside to stop this request at the next step.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl SequenceRequest {
+    pub fn new(prompt: Prompt, params: GenerationParams) -> Self {
+        Self {
+            prompt,
+            params,
+            cancel: None,
+        }
+    }
+}
+
+/// A sampled or greedy sequence in progress.
+struct Candidate {
+    tokens: Vec<u32>,
+    logprob: f32,
+    text: IncrementalDecoder,
+    shown: String,
+    finish: Option<FinishReason>,
+    /// Its row among the rows the request had this step.
+    row: usize,
+}
+
+enum Search {
+    Sampled {
+        candidates: Vec<Candidate>,
+        rng: Option<Box<StdRng>>,
+    },
+    Beam(BeamSearch),
+}
+
+struct RequestState {
+    params: GenerationParams,
+    /// What the reference's processors see before the new tokens (OPT: the input ids;
+    /// T5: the decoder start id).
+    context: Vec<u32>,
+    search: Search,
+    cancel: Option<Arc<AtomicBool>>,
+    /// Rows this request has in the current model batch.
+    live_rows: usize,
 }
 
 enum LmState {
@@ -73,20 +239,13 @@ enum LmState {
     },
 }
 
-struct Row {
-    params: GenerationParams,
-    generated: Vec<u32>,
-    finish: Option<FinishReason>,
-}
-
-/// A batch of sequences being decoded together. `active` maps the model-side batch rows to
-/// `rows`; finished rows leave `active` (and the KV state) at once.
+/// A batch of requests being decoded together.
 pub struct DecodeBatch<'m> {
     model: &'m Blip2Model,
+    tok: &'m PromptBuilder,
     state: LmState,
-    rows: Vec<Row>,
-    active: Vec<usize>,
-    /// Next-token logits [active, V] in f32.
+    requests: Vec<RequestState>,
+    /// Next-token logits of the live model rows [rows, V] in f32, rows grouped by request.
     logits: Tensor,
     eos: Vec<u32>,
     /// T5 only: the encoder's `last_hidden_state` [B, L, d] of the prefill.
@@ -94,38 +253,42 @@ pub struct DecodeBatch<'m> {
 }
 
 impl<'m> DecodeBatch<'m> {
-    /// Runs the prefill for `query_embeds` [B, Q, D] and one prompt and params per row.
+    /// Runs the prefill for `query_embeds` [B, Q, D] and one request per row.
     pub fn prefill(
         model: &'m Blip2Model,
+        tok: &'m PromptBuilder,
         query_embeds: &Tensor,
-        prompts: &[Prompt],
-        params: &[GenerationParams],
+        requests: &[SequenceRequest],
     ) -> Result<Self> {
         let (b, q, _) = query_embeds.dims3()?;
-        if prompts.len() != b || params.len() != b {
+        if requests.len() != b {
             return Err(ModelError::Input(format!(
-                "{b} images but {} prompts and {} parameter sets",
-                prompts.len(),
-                params.len()
+                "{b} images but {} requests",
+                requests.len()
             )));
         }
-        if prompts.iter().any(|p| p.text_ids.is_empty()) {
+        if requests.iter().any(|r| r.prompt.text_ids.is_empty()) {
             return Err(ModelError::Input("a prompt tokenised to no ids".into()));
         }
-        for p in params {
-            p.validate()?;
+        for r in requests {
+            r.params.validate()?;
         }
         let device = model.device();
         let pad = model.config.text.pad_token_id().unwrap_or(0);
-        let longest = prompts.iter().map(|p| p.text_ids.len()).max().unwrap_or(0);
+        let longest = requests
+            .iter()
+            .map(|r| r.prompt.text_ids.len())
+            .max()
+            .unwrap_or(0);
         let mut encoder_output = None;
         let (state, logits) = match &model.language_model {
             LanguageModel::Opt(opt) => {
-                let max_positions = match &model.config.text {
-                    crate::model::TextConfig::Opt(c) => c.max_position_embeddings,
-                    _ => unreachable!("OPT weights with an OPT config"),
-                };
-                let longest_new = params.iter().map(|p| p.max_new_tokens).max().unwrap_or(0);
+                let max_positions = opt.max_positions();
+                let longest_new = requests
+                    .iter()
+                    .map(|r| r.params.max_new_tokens)
+                    .max()
+                    .unwrap_or(0);
                 if q + longest + longest_new > max_positions {
                     return Err(ModelError::Input(format!(
                         "{q} query tokens + {longest} prompt tokens + {longest_new} new tokens exceed the model's {max_positions} positions"
@@ -134,13 +297,14 @@ impl<'m> DecodeBatch<'m> {
                 let mut ids = Vec::with_capacity(b * longest);
                 let mut key_mask = Vec::with_capacity(b);
                 let mut positions = Vec::with_capacity(b);
-                for p in prompts {
-                    let pads = longest - p.text_ids.len();
+                for r in requests {
+                    let text = &r.prompt.text_ids;
+                    let pads = longest - text.len();
                     ids.extend(std::iter::repeat_n(pad, pads));
-                    ids.extend_from_slice(&p.text_ids);
+                    ids.extend_from_slice(text);
                     let mask: Vec<u8> = std::iter::repeat_n(1u8, q)
                         .chain(std::iter::repeat_n(0, pads))
-                        .chain(std::iter::repeat_n(1, p.text_ids.len()))
+                        .chain(std::iter::repeat_n(1, text.len()))
                         .collect();
                     let mut seen = 0i64;
                     positions.push(
@@ -167,12 +331,13 @@ impl<'m> DecodeBatch<'m> {
             LanguageModel::T5(t5) => {
                 let mut ids = Vec::with_capacity(b * longest);
                 let mut mask = Vec::with_capacity(b);
-                for p in prompts {
-                    let pads = longest - p.text_ids.len();
-                    ids.extend_from_slice(&p.text_ids);
+                for r in requests {
+                    let text = &r.prompt.text_ids;
+                    let pads = longest - text.len();
+                    ids.extend_from_slice(text);
                     ids.extend(std::iter::repeat_n(pad, pads));
                     mask.push(
-                        std::iter::repeat_n(1u8, q + p.text_ids.len())
+                        std::iter::repeat_n(1u8, q + text.len())
                             .chain(std::iter::repeat_n(0, pads))
                             .collect::<Vec<_>>(),
                     );
@@ -187,25 +352,61 @@ impl<'m> DecodeBatch<'m> {
                 (LmState::T5 { state }, logits)
             }
         };
+        let decoder_start = match &model.language_model {
+            LanguageModel::T5(t5) => Some(t5.decoder_start_token_id()),
+            LanguageModel::Opt(_) => None,
+        };
+        let requests = requests
+            .iter()
+            .map(|r| {
+                let context = match decoder_start {
+                    Some(start) => vec![start],
+                    None => tok.reference_input_ids(&r.prompt),
+                };
+                let search = if r.params.num_beams > 1 {
+                    Search::Beam(BeamSearch::new(r.params.num_beams))
+                } else {
+                    let n = r.params.num_return_sequences;
+                    Search::Sampled {
+                        candidates: (0..n)
+                            .map(|_| Candidate {
+                                tokens: Vec::new(),
+                                logprob: 0.0,
+                                text: IncrementalDecoder::new(),
+                                shown: String::new(),
+                                finish: None,
+                                row: 0,
+                            })
+                            .collect(),
+                        rng: r.params.do_sample.then(|| {
+                            Box::new(match r.params.seed {
+                                Some(seed) => StdRng::seed_from_u64(seed),
+                                None => StdRng::from_os_rng(),
+                            })
+                        }),
+                    }
+                };
+                RequestState {
+                    params: r.params.clone(),
+                    context,
+                    search,
+                    cancel: r.cancel.clone(),
+                    live_rows: 1,
+                }
+            })
+            .collect();
         Ok(Self {
             model,
+            tok,
             state,
-            rows: params
-                .iter()
-                .map(|p| Row {
-                    params: p.clone(),
-                    generated: Vec::new(),
-                    finish: None,
-                })
-                .collect(),
-            active: (0..b).collect(),
+            requests,
             logits,
             eos: model.config.text.eos_token_ids(),
             encoder_output,
         })
     }
 
-    /// Next-token logits of the active rows [active, V] (f32).
+    /// Next-token logits of the live rows [rows, V] (f32), grouped by request.
     pub fn logits(&self) -> &Tensor {
         &self.logits
     }
@@ -216,101 +417,190 @@ impl<'m> DecodeBatch<'m> {
     }
 
     pub fn is_done(&self) -> bool {
-        self.active.is_empty()
+        self.requests.iter().all(|r| r.live_rows == 0)
     }
 
-    /// Picks one token per active row, retires finished rows, and runs the next forward step.
+    /// Chooses the next token of every live sequence, retires finished ones, and runs the
+    /// model on the survivors.
     pub fn step(&mut self) -> Result<()> {
-        if self.active.is_empty() {
+        if self.is_done() {
             return Ok(());
         }
         let logits = self.logits.to_vec2::<f32>()?;
-        let mut next = Vec::with_capacity(self.active.len());
-        let mut keep = Vec::with_capacity(self.active.len());
-        for (slot, &row_idx) in self.active.iter().enumerate() {
-            let row = &mut self.rows[row_idx];
-            let mut scores = logits[slot].clone();
-            if row.generated.len() < row.params.min_new_tokens {
-                for &e in &self.eos {
-                    if let Some(s) = scores.get_mut(e as usize) {
-                        *s = f32::NEG_INFINITY;
+        let mut parents = Vec::new();
+        let mut tokens = Vec::new();
+        let mut base = 0;
+        for req in &mut self.requests {
+            let rows = &logits[base..base + req.live_rows];
+            base += req.live_rows;
+            if req.live_rows == 0 {
+                continue;
+            }
+            let cancelled = req
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed));
+            let next = if cancelled {
+                if let Search::Sampled { candidates, .. } = &mut req.search {
+                    for c in candidates.iter_mut().filter(|c| c.finish.is_none()) {
+                        c.finish = Some(FinishReason::Cancelled);
                     }
                 }
-            }
-            let token = argmax(&scores);
-            row.generated.push(token);
-            if self.eos.contains(&token) {
-                row.finish = Some(FinishReason::EosToken);
-            } else if row.generated.len() >= row.params.max_new_tokens {
-                row.finish = Some(FinishReason::Length);
+                Vec::new()
             } else {
-                keep.push(slot);
-                next.push(token);
+                advance(req, rows, &self.eos, self.tok)?
+            };
+            let row_base = base - req.live_rows;
+            req.live_rows = next.len();
+            for (parent, token) in next {
+                parents.push(row_base + parent);
+                tokens.push(token);
             }
         }
-        if keep.len() != self.active.len() {
-            self.active = keep.iter().map(|&s| self.active[s]).collect();
-            match &mut self.state {
-                LmState::Opt { cache, key_mask } => {
-                    cache.select_rows(&keep)?;
-                    *key_mask = keep.iter().map(|&s| key_mask[s].clone()).collect();
-                }
-                LmState::T5 { state } => {
-                    if !keep.is_empty() {
-                        state.select_rows(&keep)?;
-                    }
-                }
-            }
-        }
-        if self.active.is_empty() {
+        if parents.is_empty() {
             return Ok(());
         }
         let device = self.model.device();
         self.logits = match (&self.model.language_model, &mut self.state) {
             (LanguageModel::Opt(opt), LmState::Opt { cache, key_mask }) => {
+                cache.select_rows(&parents)?;
+                *key_mask = parents.iter().map(|&p| key_mask[p].clone()).collect();
                 let past = cache.len();
-                let mut positions = Vec::with_capacity(next.len());
+                let mut positions = Vec::with_capacity(parents.len());
                 for m in key_mask.iter_mut() {
                     m.push(1);
                     positions.push(vec![m.iter().map(|&v| v as i64).sum::<i64>() - 1]);
                 }
-                let ids = Tensor::from_vec(next.clone(), (next.len(), 1), device)?;
+                let ids = Tensor::from_vec(tokens.clone(), (tokens.len(), 1), device)?;
                 let embeds = opt.embed(&ids)?;
                 let mask = causal_mask(key_mask, past, 1, device)?;
                 let hidden = opt.forward(&embeds, &positions, &mask, cache)?;
                 opt.last_logits(&hidden)?
             }
-            (LanguageModel::T5(t5), LmState::T5 { state }) => t5.decode_step(&next, state)?,
+            (LanguageModel::T5(t5), LmState::T5 { state }) => {
+                state.select_rows(&parents)?;
+                t5.decode_step(&tokens, state)?
+            }
             _ => unreachable!("state is built for the model it runs"),
         };
         Ok(())
     }
 
-    /// Runs every row to completion.
-    pub fn run(mut self) -> Result<Vec<GeneratedSequence>> {
+    /// Runs every request to completion; one list of sequences per request.
+    pub fn run(mut self) -> Result<Vec<Vec<GeneratedSequence>>> {
         while !self.is_done() {
             self.step()?;
         }
-        Ok(self
-            .rows
+        let tok = self.tok;
+        let eos = self.eos.clone();
+        self.requests
             .into_iter()
-            .map(|r| GeneratedSequence {
-                token_ids: r.generated,
-                finish_reason: r.finish.unwrap_or(FinishReason::Length),
-            })
-            .collect())
+            .map(|r| finish(r, tok, &eos))
+            .collect()
     }
 }
 
-/// Index of the largest score; the first one on ties, as torch's argmax.
-pub fn argmax(scores: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &s) in scores.iter().enumerate() {
-        if s > scores[best] {
-            best = i;
+/// One step of one request: returns its continuing rows as (parent row, token).
+fn advance(
+    req: &mut RequestState,
+    rows: &[Vec<f32>],
+    eos: &[u32],
+    tok: &PromptBuilder,
+) -> Result<Vec<(usize, u32)>> {
+    let params = &req.params;
+    match &mut req.search {
+        Search::Beam(beam) => Ok(beam.step(rows, &req.context, params, eos)),
+        Search::Sampled { candidates, rng } => {
+            let mut next = Vec::new();
+            for c in candidates.iter_mut().filter(|c| c.finish.is_none()) {
+                let mut scores = rows[c.row].clone();
+                let mut context = req.context.clone();
+                context.extend_from_slice(&c.tokens);
+                processors::process(&mut scores, &context, c.tokens.len(), params, eos);
+                let token = match rng {
+                    Some(rng) => {
+                        processors::warp(&mut scores, params);
+                        processors::sample(&scores, rng.random::<f64>())
+                    }
+                    None => processors::argmax(&scores),
+                };
+                c.logprob += processors::log_softmax(&scores)[token as usize];
+                c.tokens.push(token);
+                if let Some(piece) = c
+                    .text
+                    .push(token, tok)
+                    .map_err(|e| ModelError::Input(e.to_string()))?
+                {
+                    c.shown.push_str(&piece);
+                }
+                if eos.contains(&token) {
+                    c.finish = Some(FinishReason::EosToken);
+                } else if let Some(cut) = find_stop(&c.shown, &params.stop) {
+                    c.shown.truncate(cut);
+                    c.finish = Some(FinishReason::StopSequence);
+                } else if c.tokens.len() >= params.max_new_tokens {
+                    c.finish = Some(FinishReason::Length);
+                } else {
+                    next.push((c.row, token));
+                    c.row = next.len() - 1;
+                }
+            }
+            Ok(next)
         }
     }
-    best as u32
+}
+
+/// Byte offset where the earliest stop string starts in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+fn finish(req: RequestState, tok: &PromptBuilder, eos: &[u32]) -> Result<Vec<GeneratedSequence>> {
+    let decode = |ids: &[u32]| {
+        tok.decode(ids)
+            .map_err(|e| ModelError::Input(e.to_string()))
+    };
+    match req.search {
+        Search::Sampled { candidates, .. } => candidates
+            .into_iter()
+            .map(|c| {
+                let finish_reason = c.finish.unwrap_or(FinishReason::Length);
+                let text = if finish_reason == FinishReason::StopSequence {
+                    c.shown
+                } else {
+                    decode(&c.tokens)?
+                };
+                Ok(GeneratedSequence {
+                    token_ids: c.tokens,
+                    text,
+                    finish_reason,
+                    score: c.logprob,
+                })
+            })
+            .collect(),
+        Search::Beam(beam) => beam
+            .best(req.params.num_return_sequences)
+            .into_iter()
+            .map(|h| {
+                let mut text = decode(&h.tokens)?;
+                let mut finish_reason = if h.tokens.last().is_some_and(|t| eos.contains(t)) {
+                    FinishReason::EosToken
+                } else {
+                    FinishReason::Length
+                };
+                if let Some(cut) = find_stop(&text, &req.params.stop) {
+                    text.truncate(cut);
+                    finish_reason = FinishReason::StopSequence;
+                }
+                Ok(GeneratedSequence {
+                    token_ids: h.tokens,
+                    text,
+                    finish_reason,
+                    score: h.score,
+                })
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -318,23 +608,87 @@ mod tests {
     use super::*;
 
     #[test]
-    fn argmax_takes_the_first_of_equal_maxima() {
-        assert_eq!(argmax(&[0.0, 3.0, 1.0, 3.0]), 1);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, -1.0]), 1);
+    fn invalid_settings_are_refused_by_name() {
+        let ok = GenerationParams::default();
+        assert!(ok.validate().is_ok());
+        let cases = [
+            (
+                GenerationParams {
+                    max_new_tokens: 3,
+                    min_new_tokens: 4,
+                    ..ok.clone()
+                },
+                "min_new_tokens",
+            ),
+            (
+                GenerationParams {
+                    max_new_tokens: 0,
+                    ..ok.clone()
+                },
+                "max_new_tokens",
+            ),
+            (
+                GenerationParams {
+                    temperature: 0.0,
+                    ..ok.clone()
+                },
+                "temperature",
+            ),
+            (
+                GenerationParams {
+                    top_p: 1.5,
+                    ..ok.clone()
+                },
+                "top_p",
+            ),
+            (
+                GenerationParams {
+                    repetition_penalty: -1.0,
+                    ..ok.clone()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerationParams {
+                    num_beams: 2,
+                    num_return_sequences: 3,
+                    ..ok.clone()
+                },
+                "num_return_sequences",
+            ),
+            (
+                GenerationParams {
+                    num_return_sequences: 2,
+                    ..ok.clone()
+                },
+                "greedy",
+            ),
+            (
+                GenerationParams {
+                    num_beams: 2,
+                    do_sample: true,
+                    ..ok.clone()
+                },
+                "beam sampling",
+            ),
+            (
+                GenerationParams {
+                    stop: vec![String::new()],
+                    ..ok.clone()
+                },
+                "stop",
+            ),
+        ];
+        for (p, needle) in cases {
+            let err = p.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
     }
 
     #[test]
-    fn min_above_max_is_refused() {
-        let p = GenerationParams {
-            max_new_tokens: 3,
-            min_new_tokens: 4,
-        };
-        assert!(p.validate().is_err());
-        assert!(GenerationParams {
-            max_new_tokens: 0,
-            min_new_tokens: 0
-        }
-        .validate()
-        .is_err());
+    fn stop_is_found_at_its_earliest_start() {
+        let stops = vec!["cat".to_string(), "a c".to_string()];
+        assert_eq!(find_stop("I see a cat", &stops), Some(6));
+        assert_eq!(find_stop("nothing", &stops), None);
     }
 }

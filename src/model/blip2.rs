@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{linear, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::linear::{linear, Linear};
 
 use super::config::{Blip2Config, TextConfig};
 use super::loader::{ModelFiles, SafetensorsWeights};

@@ -378,6 +378,23 @@ impl TextConfig {
     }
 }
 
+/// Generation settings a checkpoint's `text_config` may carry (transformers derives the language
+/// model's generation config from it); absent fields take transformers' defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationDefaults {
+    pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub length_penalty: Option<f32>,
+    pub num_beams: Option<usize>,
+    pub num_return_sequences: Option<usize>,
+    pub no_repeat_ngram_size: Option<usize>,
+}
+
 /// The whole `config.json` of a `Blip2ForConditionalGeneration` checkpoint.
 #[derive(Debug, Clone)]
 pub struct Blip2Config {
@@ -388,6 +405,8 @@ pub struct Blip2Config {
     /// Present in the newer layout (the processor inserts `<image>` ids that the model overwrites);
     /// absent in the legacy layout (query embeddings are concatenated in front of the prompt).
     pub image_token_index: Option<u32>,
+    /// Generation defaults carried by `text_config`.
+    pub generation: GenerationDefaults,
 }
 
 #[derive(Deserialize)]
@@ -433,6 +452,8 @@ impl Blip2Config {
             .and_then(|v| v.as_str())
             .unwrap_or("opt")
             .to_string();
+        let generation: GenerationDefaults = serde_json::from_value(text_value.clone())
+            .map_err(|e| ModelError::Config(format!("text_config generation settings: {e}")))?;
         let text = match model_type.as_str() {
             "opt" => TextConfig::Opt(
                 serde_json::from_value(text_value)
@@ -454,6 +475,7 @@ impl Blip2Config {
             text,
             num_query_tokens: raw.num_query_tokens,
             image_token_index: raw.image_token_index.or(raw.image_token_id),
+            generation,
         };
         config.validate()?;
         Ok(config)

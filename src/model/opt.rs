@@ -6,7 +6,9 @@
 //! caller owns, so one decoder serves any number of sequences and batches at once.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_b, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, LayerNorm, VarBuilder};
+
+use super::linear::{linear_b, Linear};
 
 use super::config::{Activation, OptConfig};
 use super::vision::{merge_heads, split_heads};
@@ -244,9 +246,13 @@ impl OptDecoder {
             embed_positions,
             layers,
             final_layer_norm,
-            lm_head: Linear::new(head_weight, None),
+            lm_head: Linear::new(head_weight, None)?,
             max_positions: cfg.max_position_embeddings,
         })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
     }
 
     pub fn num_layers(&self) -> usize {

@@ -4,7 +4,9 @@
 //! (`intermediate_query` / `output_query`). The text FFN is never on this path.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use super::linear::{linear, Linear};
 
 use super::config::{Activation, QFormerConfig};
 use super::vision::{attend, merge_heads, split_heads};

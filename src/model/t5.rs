@@ -10,7 +10,9 @@
 //! [`T5DecoderState`], owned by the caller.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
+
+use super::linear::{linear_no_bias, Linear};
 
 use super::config::{Activation, T5Config};
 use super::vision::{merge_heads, split_heads};
@@ -294,9 +296,9 @@ impl T5Model {
             // A tied head is `shared`, and the reference rescales its input by d_model^-0.5;
             // folding the scale into the weight is the same product. (BLIP-2's Flan-T5
             // checkpoints are untied.)
-            Linear::new((shared.embeddings() * (d as f64).powf(-0.5))?, None)
+            Linear::new((shared.embeddings() * (d as f64).powf(-0.5))?, None)?
         } else if vb.contains_tensor("lm_head.weight") {
-            Linear::new(vb.get((cfg.vocab_size, d), "lm_head.weight")?, None)
+            Linear::new(vb.get((cfg.vocab_size, d), "lm_head.weight")?, None)?
         } else {
             return Err(ModelError::Weights(format!(
                 "tensor {}.lm_head.weight is missing from the checkpoint (tie_word_embeddings is false)",

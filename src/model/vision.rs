@@ -3,7 +3,9 @@
 //! `qkv` projection, and `post_layernorm` over every token.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use super::linear::{linear, Linear};
 
 use super::config::{Activation, VisionConfig};
 use super::Result;
@@ -104,7 +106,7 @@ impl VisionAttention {
         };
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
-            qkv: Linear::new(qkv_weight, qkv_bias),
+            qkv: Linear::new(qkv_weight, qkv_bias)?,
             projection: linear(d, d, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),

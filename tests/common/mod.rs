@@ -38,7 +38,10 @@ pub struct GoldenCase {
     pub input_ids: Vec<Vec<u32>>,
     pub attention_mask: Vec<Vec<u8>>,
     pub runs: Vec<GoldenRun>,
-    pub tensors: bool,
+    /// Stage name -> key in golden.safetensors (image-only stages are shared between the cases
+    /// of one image). Absent for batch cases.
+    #[serde(default)]
+    pub tensor_keys: Option<HashMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,142 @@
+//! The batching property: for random mixes of requests and settings (greedy with penalties,
+//! beam search, seeded sampling with several returns), every request's sequences in a shared
+//! batch equal its sequences when run alone.
+
+mod common;
+
+use blip2_server::generation::GenerationParams;
+use blip2_server::model::ModelFiles;
+use blip2_server::{Blip2Pipeline, LoadOptions};
+use common::*;
+use proptest::prelude::*;
+
+const IMAGES: [&str; 4] = [
+    "rgb_640x480.png",
+    "rgba_100x37.png",
+    "gray_13x200.png",
+    "photo_320x240.jpg",
+];
+const PROMPTS: [Option<&str>; 3] = [
+    None,
+    Some("a photo of"),
+    Some("Question: what is in the picture? Answer:"),
+];
+
+#[derive(Debug, Clone)]
+struct Spec {
+    image: usize,
+    prompt: usize,
+    params: GenerationParams,
+}
+
+fn params() -> impl Strategy<Value = GenerationParams> {
+    let greedy = (
+        1usize..10,
+        0usize..4,
+        prop_oneof![Just(1.0f32), Just(1.3), Just(0.8)],
+        0usize..3,
+    )
+        .prop_map(|(max, min, rep, ngram)| GenerationParams {
+            max_new_tokens: max,
+            min_new_tokens: min.min(max),
+            repetition_penalty: rep,
+            no_repeat_ngram_size: ngram,
+            ..GenerationParams::default()
+        });
+    let beams = (
+        2usize..5,
+        prop_oneof![Just(1.0f32), Just(-1.0), Just(0.0), Just(2.0)],
+        1usize..5,
+        2usize..10,
+    )
+        .prop_map(|(beams, lp, nrs, max)| GenerationParams {
+            num_beams: beams,
+            length_penalty: lp,
+            num_return_sequences: nrs.min(beams),
+            max_new_tokens: max,
+            ..GenerationParams::default()
+        });
+    let sampled = (
+        any::<u64>(),
+        prop_oneof![Just(1.0f32), Just(0.7), Just(1.5)],
+        0usize..20,
+        1usize..4,
+        2usize..10,
+    )
+        .prop_map(|(seed, temperature, k, nrs, max)| GenerationParams {
+            do_sample: true,
+            seed: Some(seed),
+            temperature,
+            top_k: Some(k),
+            top_p: if k % 2 == 0 { 0.9 } else { 1.0 },
+            num_return_sequences: nrs,
+            max_new_tokens: max,
+            ..GenerationParams::default()
+        });
+    prop_oneof![greedy, beams, sampled]
+}
+
+fn specs() -> impl Strategy<Value = Vec<Spec>> {
+    prop::collection::vec(
+        (0..IMAGES.len(), 0..PROMPTS.len(), params()).prop_map(|(image, prompt, params)| Spec {
+            image,
+            prompt,
+            params,
+        }),
+        2..5,
+    )
+}
+
+fn run(pipeline: &Blip2Pipeline, specs: &[Spec]) -> Vec<Vec<Vec<u32>>> {
+    let images: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|s| std::fs::read(image_path(IMAGES[s.image])).unwrap())
+        .collect();
+    let prompts: Vec<Option<String>> = specs
+        .iter()
+        .map(|s| PROMPTS[s.prompt].map(str::to_string))
+        .collect();
+    let params: Vec<GenerationParams> = specs.iter().map(|s| s.params.clone()).collect();
+    pipeline
+        .generate(&images, &prompts, &params)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.sequences.into_iter().map(|s| s.token_ids).collect())
+        .collect()
+}
+
+fn check(model: &str, cases: u32) {
+    let files = ModelFiles::from_dir(&model_dir(model)).unwrap();
+    let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&specs(), |specs| {
+            let together = run(&pipeline, &specs);
+            for (i, spec) in specs.iter().enumerate() {
+                let alone = run(&pipeline, std::slice::from_ref(spec));
+                prop_assert_eq!(
+                    &together[i],
+                    &alone[0],
+                    "request {} ({:?}) differs in the batch",
+                    i,
+                    spec
+                );
+                prop_assert_eq!(together[i].len(), spec.params.num_return_sequences);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn opt_requests_decode_the_same_in_a_mixed_batch_as_alone() {
+    check("opt-tiny", 24);
+}
+
+#[test]
+fn t5_requests_decode_the_same_in_a_mixed_batch_as_alone() {
+    check("t5-tiny", 24);
+}
