@@ -275,3 +275,130 @@ fn t5_in_f16_is_refused_with_a_reason() {
     ]);
     assert_clean_error(&out, "f16");
 }
+
+/// Beam search through the CLI: one JSON line per returned sequence, the reference's tokens.
+#[test]
+fn generate_beam_search_flags_match_reference() {
+    let path = fixtures().join("generation").join("opt-tiny.json");
+    let goldens: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = goldens["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "batch3_beam3_nrs2")
+        .expect("golden case batch3_beam3_nrs2");
+    let model = model_dir("opt-tiny");
+    let mut args: Vec<String> = vec![
+        "generate".into(),
+        "--model".into(),
+        model.display().to_string(),
+    ];
+    for img in case["images"].as_array().unwrap() {
+        args.extend([
+            "--image".into(),
+            image_path(img.as_str().unwrap()).display().to_string(),
+        ]);
+    }
+    for p in case["prompts"].as_array().unwrap() {
+        args.extend(["--prompt".into(), p.as_str().unwrap().to_string()]);
+    }
+    let params = &case["params"];
+    for (flag, key) in [
+        ("--num-beams", "num_beams"),
+        ("--num-return-sequences", "num_return_sequences"),
+        ("--max-new-tokens", "max_new_tokens"),
+        ("--length-penalty", "length_penalty"),
+    ] {
+        args.extend([flag.to_string(), params[key].to_string()]);
+    }
+    args.push("--json".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lines = json_lines(&blip2(&args));
+    let expected = case["sequences"].as_array().unwrap();
+    assert_eq!(lines.len(), expected.len());
+    for (line, tokens) in lines.iter().zip(expected) {
+        let tokens: Vec<u32> = tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(token_ids(line), tokens);
+    }
+}
+
+/// `--stop` cuts the text at the stop string and says so.
+#[test]
+fn generate_stop_string_cuts_the_text() {
+    let model = model_dir("opt-tiny");
+    let image = image_path("tall_300x1000.png");
+    let base = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--json",
+    ];
+    let free = json_lines(&blip2(
+        &[
+            &base[..],
+            &["--max-new-tokens", "12", "--min-new-tokens", "12"],
+        ]
+        .concat(),
+    ));
+    let text = free[0]["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "need some text to cut: {text:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let cut_at = text.find(&stop).unwrap();
+    let stopped = json_lines(&blip2(
+        &[
+            &base[..],
+            &[
+                "--max-new-tokens",
+                "12",
+                "--min-new-tokens",
+                "12",
+                "--stop",
+                &stop,
+            ],
+        ]
+        .concat(),
+    ));
+    assert_eq!(stopped[0]["text"].as_str().unwrap(), &text[..cut_at]);
+    assert_eq!(stopped[0]["finish_reason"], "stop_sequence");
+    assert!(token_ids(&stopped[0]).len() < 12);
+}
+
+#[test]
+fn invalid_generation_flags_are_one_line_errors() {
+    let model = model_dir("opt-tiny");
+    let image = image_path("tall_300x1000.png");
+    let base = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+    ];
+    assert_clean_error(
+        &blip2(&[&base[..], &["--top-p", "1.5", "--do-sample"]].concat()),
+        "top_p",
+    );
+    assert_clean_error(
+        &blip2(
+            &[
+                &base[..],
+                &["--num-beams", "2", "--num-return-sequences", "3"],
+            ]
+            .concat(),
+        ),
+        "num_return_sequences",
+    );
+    assert_clean_error(
+        &blip2(&[&base[..], &["--temperature", "0", "--do-sample"]].concat()),
+        "temperature",
+    );
+}

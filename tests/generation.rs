@@ -108,3 +108,35 @@ fn opt_decoding_modes_match_reference() {
 fn t5_decoding_modes_match_reference() {
     check("t5-tiny");
 }
+
+/// Streaming pieces concatenate to the full decode, also where byte-level tokens split
+/// characters (the random models produce such tokens).
+#[test]
+fn incremental_detokenisation_concatenates_to_the_full_text() {
+    use blip2_server::generation::IncrementalDecoder;
+    for model in ["opt-tiny", "t5-tiny"] {
+        let path = fixtures().join("generation").join(format!("{model}.json"));
+        let goldens: Goldens =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let files = ModelFiles::from_dir(&model_dir(model)).unwrap();
+        let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+        for case in &goldens.cases {
+            for (tokens, text) in case.sequences.iter().zip(&case.texts) {
+                let mut dec = IncrementalDecoder::new();
+                let mut streamed = String::new();
+                for &t in tokens {
+                    if let Some(piece) = dec.push(t, &pipeline.prompts).unwrap() {
+                        assert!(
+                            !piece.ends_with('\u{FFFD}') || piece.chars().all(|c| c == '\u{FFFD}')
+                        );
+                        streamed.push_str(&piece);
+                    }
+                }
+                if let Some(rest) = dec.flush(&pipeline.prompts).unwrap() {
+                    streamed.push_str(&rest);
+                }
+                assert_eq!(&streamed, text, "{model}/{}", case.name);
+            }
+        }
+    }
+}
