@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 /// Row counts up to this take the weight-streaming path.
-pub const SKINNY_ROWS: usize = 8;
+pub const SKINNY_ROWS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -83,13 +83,7 @@ fn skinny_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
     out_t
         .par_chunks_mut(BLOCK * m)
         .zip(w.par_chunks(BLOCK * k))
-        .for_each(|(out_block, w_block)| {
-            for (o, w_row) in out_block.chunks_mut(m).zip(w_block.chunks(k)) {
-                for (i, slot) in o.iter_mut().enumerate() {
-                    *slot = dot(&x[i * k..(i + 1) * k], w_row);
-                }
-            }
-        });
+        .for_each(|(out_block, w_block)| block(x, m, k, w_block, out_block));
     let mut out = vec![0f32; m * n];
     for j in 0..n {
         for i in 0..m {
@@ -99,40 +93,125 @@ fn skinny_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
     out
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Fills `out_block` ([rows of w_block, m]) with the dot products of `x`'s rows and `w_block`'s.
+fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the features were detected at run time.
-            return unsafe { dot_avx2(a, b) };
+            unsafe { avx2::block(x, m, k, w_block, out_block) };
+            return;
         }
     }
-    dot_portable(a, b)
+    for (o, w_row) in out_block.chunks_mut(m).zip(w_block.chunks(k)) {
+        for (i, slot) in o.iter_mut().enumerate() {
+            *slot = x[i * k..(i + 1) * k]
+                .iter()
+                .zip(w_row)
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
-}
+mod avx2 {
+    //! Register tiles of 4 input rows x 2 weight rows: each 8-wide step loads 6 vectors for 8
+    //! FMAs, where one dot product at a time loads 2 per FMA.
+    use std::arch::x86_64::*;
 
-/// Sixteen independent accumulators, so the compiler vectorises the loop.
-#[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (ca, cb) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
-        for j in 0..16 {
-            acc[j] = ca[j].mul_add(cb[j], acc[j]);
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Dot products of `R` rows of `x` (starting at row `i0`) with weight rows `w0` and `w1`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize>(
+        x: &[f32],
+        k: usize,
+        i0: usize,
+        w0: &[f32],
+        w1: &[f32],
+    ) -> ([f32; R], [f32; R]) {
+        let mut a0 = [_mm256_setzero_ps(); R];
+        let mut a1 = [_mm256_setzero_ps(); R];
+        let k8 = k / 8 * 8;
+        let xp = x.as_ptr().add(i0 * k);
+        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+        let mut kk = 0;
+        while kk < k8 {
+            let v0 = _mm256_loadu_ps(p0.add(kk));
+            let v1 = _mm256_loadu_ps(p1.add(kk));
+            for r in 0..R {
+                let xv = _mm256_loadu_ps(xp.add(r * k + kk));
+                a0[r] = _mm256_fmadd_ps(xv, v0, a0[r]);
+                a1[r] = _mm256_fmadd_ps(xv, v1, a1[r]);
+            }
+            kk += 8;
+        }
+        let mut o0 = [0f32; R];
+        let mut o1 = [0f32; R];
+        for r in 0..R {
+            let (mut t0, mut t1) = (0f32, 0f32);
+            for j in k8..k {
+                let xv = *xp.add(r * k + j);
+                t0 += xv * w0[j];
+                t1 += xv * w1[j];
+            }
+            o0[r] = hsum(a0[r]) + t0;
+            o1[r] = hsum(a1[r]) + t1;
+        }
+        (o0, o1)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) {
+        let rows = w_block.len() / k;
+        let mut j = 0;
+        while j < rows {
+            let w0 = &w_block[j * k..(j + 1) * k];
+            // An odd last row pairs with itself; its second result is dropped.
+            let j1 = if j + 1 < rows { j + 1 } else { j };
+            let w1 = &w_block[j1 * k..(j1 + 1) * k];
+            let mut i = 0;
+            while i < m {
+                let take = (m - i).min(4);
+                let mut put = |o0: &[f32], o1: &[f32]| {
+                    for r in 0..take {
+                        out_block[j * m + i + r] = o0[r];
+                        if j1 != j {
+                            out_block[j1 * m + i + r] = o1[r];
+                        }
+                    }
+                };
+                match take {
+                    4 => {
+                        let (a, b) = tile::<4>(x, k, i, w0, w1);
+                        put(&a, &b)
+                    }
+                    3 => {
+                        let (a, b) = tile::<3>(x, k, i, w0, w1);
+                        put(&a, &b)
+                    }
+                    2 => {
+                        let (a, b) = tile::<2>(x, k, i, w0, w1);
+                        put(&a, &b)
+                    }
+                    _ => {
+                        let (a, b) = tile::<1>(x, k, i, w0, w1);
+                        put(&a, &b)
+                    }
+                }
+                i += take;
+            }
+            j += 2;
         }
     }
-    let mut tail = 0f32;
-    for j in chunks * 16..a.len() {
-        tail = a[j].mul_add(b[j], tail);
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
