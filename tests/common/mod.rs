@@ -92,10 +92,12 @@ pub fn max_abs_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
         .unwrap()
 }
 
-pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
+/// Asserts `max |ours - theirs| <= tol` and returns that difference.
+pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) -> f32 {
     let diff = max_abs_diff(ours, theirs);
     assert!(
         diff <= tol,
         "{what}: max |ours - reference| = {diff:e} > {tol:e}"
     );
+    diff
 }
