@@ -140,3 +140,91 @@ fn opt_requests_decode_the_same_in_a_mixed_batch_as_alone() {
 fn t5_requests_decode_the_same_in_a_mixed_batch_as_alone() {
     check("t5-tiny", 24);
 }
+
+/// Continuous batching: a request prefilled on its own joins a batch that has been decoding for
+/// a few steps (so caches of different lengths are re-padded), and every request still gets
+/// exactly its tokens when run alone.
+fn join_mid_decode(model: &str) {
+    use blip2_server::generation::{DecodeBatch, SequenceRequest};
+    let files = ModelFiles::from_dir(&model_dir(model)).unwrap();
+    let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+    let specs = [
+        Spec {
+            image: 0,
+            prompt: 2,
+            params: GenerationParams {
+                max_new_tokens: 12,
+                min_new_tokens: 12,
+                ..GenerationParams::default()
+            },
+        },
+        Spec {
+            image: 1,
+            prompt: 0,
+            params: GenerationParams {
+                num_beams: 3,
+                num_return_sequences: 2,
+                max_new_tokens: 9,
+                ..GenerationParams::default()
+            },
+        },
+        Spec {
+            image: 3,
+            prompt: 1,
+            params: GenerationParams {
+                do_sample: true,
+                seed: Some(7),
+                max_new_tokens: 8,
+                ..GenerationParams::default()
+            },
+        },
+    ];
+    let prefill = |spec: &Spec| {
+        let bytes = std::fs::read(image_path(IMAGES[spec.image])).unwrap();
+        let pv = pipeline
+            .images
+            .batch_tensor(
+                &[pipeline.images.pixel_values(&bytes).unwrap()],
+                pipeline.model.device(),
+            )
+            .unwrap();
+        let features = pipeline.model.image_features(&pv).unwrap();
+        let prompt = pipeline.prompts.build(PROMPTS[spec.prompt]).unwrap();
+        let request = SequenceRequest::new(prompt, spec.params.clone());
+        DecodeBatch::prefill(
+            &pipeline.model,
+            &pipeline.prompts,
+            &features.query_embeds,
+            &[request],
+        )
+        .unwrap()
+    };
+    let mut batch = prefill(&specs[0]);
+    for _ in 0..3 {
+        batch.step().unwrap();
+    }
+    batch.join(prefill(&specs[1])).unwrap();
+    batch.step().unwrap();
+    batch.step().unwrap();
+    batch.join(prefill(&specs[2])).unwrap();
+    let joined: Vec<Vec<Vec<u32>>> = batch
+        .run()
+        .unwrap()
+        .into_iter()
+        .map(|seqs| seqs.into_iter().map(|s| s.token_ids).collect())
+        .collect();
+    for (i, spec) in specs.iter().enumerate() {
+        let alone = run(&pipeline, std::slice::from_ref(spec));
+        assert_eq!(joined[i], alone[0], "{model}: request {i} after joining");
+    }
+}
+
+#[test]
+fn opt_requests_joining_a_running_batch_decode_as_alone() {
+    join_mid_decode("opt-tiny");
+}
+
+#[test]
+fn t5_requests_joining_a_running_batch_decode_as_alone() {
+    join_mid_decode("t5-tiny");
+}

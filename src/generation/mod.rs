@@ -406,6 +406,45 @@ impl<'m> DecodeBatch<'m> {
         })
     }
 
+    /// Adds the requests of `other` (prefilled separately, possibly with prompts of other
+    /// lengths, possibly at another step) to this batch between two steps: KV caches are
+    /// re-padded to a common length with the padding masked, so every request keeps decoding
+    /// exactly as it would alone. Continuous batching admits new requests this way.
+    pub fn join(&mut self, other: DecodeBatch<'m>) -> Result<()> {
+        if !std::ptr::eq(self.model, other.model) {
+            return Err(ModelError::Input(
+                "cannot join batches of different models".into(),
+            ));
+        }
+        if self.is_done() {
+            // Nothing of ours is live (our state may still hold the rows of the last step).
+            self.state = other.state;
+            self.logits = other.logits;
+            self.requests.extend(other.requests);
+            self.encoder_output = None;
+            return Ok(());
+        }
+        // Rows are grouped by request in order; a finished request holds no rows.
+        match (&mut self.state, other.state) {
+            (
+                LmState::Opt { cache, key_mask },
+                LmState::Opt {
+                    cache: theirs,
+                    key_mask: their_mask,
+                },
+            ) => {
+                cache.merge(theirs)?;
+                *key_mask = crate::model::opt::merge_masks(key_mask, &their_mask, true);
+            }
+            (LmState::T5 { state }, LmState::T5 { state: theirs }) => state.merge(theirs)?,
+            _ => unreachable!("both batches run the same model"),
+        }
+        self.logits = Tensor::cat(&[&self.logits, &other.logits], 0)?;
+        self.requests.extend(other.requests);
+        self.encoder_output = None;
+        Ok(())
+    }
+
     /// Next-token logits of the live rows [rows, V] (f32), grouped by request.
     pub fn logits(&self) -> &Tensor {
         &self.logits

@@ -43,6 +43,22 @@ impl OptKvCache {
         self.len() == 0
     }
 
+    /// Appends `other`'s rows after these, left-padding the shorter cache with zeros; the caller
+    /// pads the key masks the same way (see [`merge_masks`]).
+    pub fn merge(&mut self, other: OptKvCache) -> Result<()> {
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            *mine = match (mine.take(), theirs) {
+                (Some((ka, va)), Some((kb, vb))) => Some((
+                    cat_padded(&ka, &kb, 2, true)?,
+                    cat_padded(&va, &vb, 2, true)?,
+                )),
+                (None, None) => None,
+                _ => return Err(ModelError::Input("cannot merge an empty KV cache".into())),
+            };
+        }
+        Ok(())
+    }
+
     /// Keeps only the given batch rows, in that order (rows that finished cost nothing after).
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         let Some(device) = self
@@ -65,6 +81,49 @@ impl OptKvCache {
         }
         Ok(())
     }
+}
+
+/// Concatenates `a` and `b` along dim 0 after zero-padding the shorter one along `dim` to the
+/// longer's length, at the front (`front`) or the back.
+pub(crate) fn cat_padded(
+    a: &Tensor,
+    b: &Tensor,
+    dim: usize,
+    front: bool,
+) -> candle_core::Result<Tensor> {
+    let len = a.dim(dim)?.max(b.dim(dim)?);
+    let pad = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let missing = len - t.dim(dim)?;
+        if missing == 0 {
+            return Ok(t.clone());
+        }
+        let mut shape = t.dims().to_vec();
+        shape[dim] = missing;
+        let zeros = Tensor::zeros(shape, t.dtype(), t.device())?;
+        if front {
+            Tensor::cat(&[&zeros, t], dim)
+        } else {
+            Tensor::cat(&[t, &zeros], dim)
+        }
+    };
+    Tensor::cat(&[&pad(a)?, &pad(b)?], 0)
+}
+
+/// Row masks of two batches padded with 0 to a common length (at the front or the back), `a`'s
+/// rows first.
+pub(crate) fn merge_masks(a: &[Vec<u8>], b: &[Vec<u8>], front: bool) -> Vec<Vec<u8>> {
+    let len = a.iter().chain(b).map(Vec::len).max().unwrap_or(0);
+    a.iter()
+        .chain(b)
+        .map(|m| {
+            let pad = std::iter::repeat_n(0u8, len - m.len());
+            if front {
+                pad.chain(m.iter().copied()).collect()
+            } else {
+                m.iter().copied().chain(pad).collect()
+            }
+        })
+        .collect()
 }
 
 /// Additive attention mask `[B, 1, S, past + S]`: query `i` of row `b` (absolute position

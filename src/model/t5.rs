@@ -152,6 +152,45 @@ fn position_bias(
         .contiguous()?)
 }
 
+/// Bias [B, H, 1, T] for one new query per row over that row's cached keys: causal relative
+/// position buckets counted over the row's real positions, padding masked with f32::MIN. The new
+/// query is the last entry of each row, so it sees every real key (no causal mask needed).
+fn decoder_step_bias(
+    table: &Embedding,
+    cfg: &T5Config,
+    masks: &[Vec<u8>],
+    device: &Device,
+) -> Result<Tensor> {
+    let b = masks.len();
+    let t = masks.first().map(Vec::len).unwrap_or(0);
+    let mut buckets = Vec::with_capacity(b * t);
+    let mut pad = Vec::with_capacity(b * t);
+    for m in masks {
+        let query = m.iter().map(|&v| v as i64).sum::<i64>() - 1;
+        let mut pos = -1i64;
+        for &keep in m {
+            pos += keep as i64;
+            let rel = if keep == 1 { pos - query } else { 0 };
+            buckets.push(relative_position_bucket(
+                rel,
+                false,
+                cfg.relative_attention_num_buckets,
+                cfg.relative_attention_max_distance,
+            ) as u32);
+            pad.push(if keep == 1 { 0f32 } else { f32::MIN });
+        }
+    }
+    let buckets = Tensor::from_vec(buckets, (b, t), device)?;
+    // [B, T, H] -> [B, H, 1, T]
+    let bias = table
+        .forward(&buckets)?
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 1))?
+        .unsqueeze(2)?;
+    let pad = Tensor::from_vec(pad, (b, 1, 1, t), device)?;
+    Ok(bias.broadcast_add(&pad)?.contiguous()?)
+}
+
 struct T5Ffn {
     wi_0: Linear,
     wi_1: Option<Linear>,
@@ -204,14 +243,18 @@ struct DecoderBlock {
 }
 
 /// Per-batch decoding state: self-attention keys/values so far, cross-attention keys/values
-/// computed once from the encoder output, and the encoder padding mask.
+/// computed once from the encoder output, and both padding masks. Rows may sit at different
+/// decoder positions (after [`T5DecoderState::merge`]): their self-attention caches are
+/// left-padded, and each row's position comes from its own mask.
 pub struct T5DecoderState {
     self_kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Per row, one entry per cached decoder position: 1 real, 0 padding.
+    self_mask: Vec<Vec<u8>>,
     cross_kv: Vec<(Tensor, Tensor)>,
-    /// [B, 1, 1, L] additive (0 or f32::MIN).
+    /// Per row, the encoder padding mask (1 real, 0 padding).
+    cross_keep: Vec<Vec<u8>>,
+    /// [B, 1, 1, L] additive (0 or f32::MIN), from `cross_keep`.
     cross_mask: Tensor,
-    /// Decoder positions consumed so far.
-    pub step: usize,
 }
 
 impl T5DecoderState {
@@ -232,6 +275,39 @@ impl T5DecoderState {
             *v = v.index_select(&idx, 0)?;
         }
         self.cross_mask = self.cross_mask.index_select(&idx, 0)?;
+        self.self_mask = rows.iter().map(|&r| self.self_mask[r].clone()).collect();
+        self.cross_keep = rows.iter().map(|&r| self.cross_keep[r].clone()).collect();
+        Ok(())
+    }
+
+    /// Appends `other`'s rows after this state's: self-attention caches are left-padded and
+    /// encoder keys/values right-padded to a common length, the padding masked.
+    pub fn merge(&mut self, other: T5DecoderState) -> Result<()> {
+        let device = self.cross_mask.device().clone();
+        for (mine, theirs) in self.self_kv.iter_mut().zip(other.self_kv) {
+            *mine = match (mine.take(), theirs) {
+                (Some((ka, va)), Some((kb, vb))) => Some((
+                    crate::model::opt::cat_padded(&ka, &kb, 2, true)?,
+                    crate::model::opt::cat_padded(&va, &vb, 2, true)?,
+                )),
+                (None, None) => None,
+                _ => {
+                    return Err(ModelError::Input(
+                        "cannot merge a batch before its first step".into(),
+                    ))
+                }
+            };
+        }
+        for (mine, theirs) in self.cross_kv.iter_mut().zip(other.cross_kv) {
+            *mine = (
+                crate::model::opt::cat_padded(&mine.0, &theirs.0, 2, false)?,
+                crate::model::opt::cat_padded(&mine.1, &theirs.1, 2, false)?,
+            );
+        }
+        self.self_mask = crate::model::opt::merge_masks(&self.self_mask, &other.self_mask, true);
+        self.cross_keep =
+            crate::model::opt::merge_masks(&self.cross_keep, &other.cross_keep, false);
+        self.cross_mask = padding_mask(&self.cross_keep, &device)?;
         Ok(())
     }
 }
@@ -363,9 +439,10 @@ impl T5Model {
             .collect::<Result<Vec<_>>>()?;
         Ok(T5DecoderState {
             self_kv: vec![None; self.decoder.len()],
+            self_mask: vec![Vec::new(); mask.len()],
             cross_kv,
+            cross_keep: mask.to_vec(),
             cross_mask: padding_mask(mask, encoder_out.device())?,
-            step: 0,
         })
     }
 
@@ -374,7 +451,9 @@ impl T5Model {
         let device = state.cross_mask.device().clone();
         let ids = Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &device)?;
         let mut xs = self.shared.forward(&ids)?;
-        let t = state.step + 1;
+        for m in state.self_mask.iter_mut() {
+            m.push(1);
+        }
         let mut self_bias: Option<Tensor> = None;
         for (i, block) in self.decoder.iter().enumerate() {
             if self_bias.is_none() {
@@ -385,9 +464,11 @@ impl T5Model {
                     .ok_or_else(|| {
                         ModelError::Weights("decoder block 0 has no relative_attention_bias".into())
                     })?;
-                // One query at position `step` sees keys 0..=step: no causal mask needed.
-                self_bias = Some(position_bias(
-                    table, &self.cfg, false, state.step, 1, t, &device,
+                self_bias = Some(decoder_step_bias(
+                    table,
+                    &self.cfg,
+                    &state.self_mask,
+                    &device,
                 )?);
             }
             let bias = self_bias.as_ref().expect("set above");
@@ -409,7 +490,6 @@ impl T5Model {
             let h = block.ffn_norm.forward(&xs)?;
             xs = (&xs + block.ffn.forward(&h)?)?;
         }
-        state.step = t;
         let xs = self.decoder_norm.forward(&xs)?.squeeze(1)?;
         Ok(self.lm_head.forward(&xs)?.to_dtype(DType::F32)?)
     }
