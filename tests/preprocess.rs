@@ -112,3 +112,25 @@ fn pixel_values_are_exact() {
     }
     assert!(checked >= 9, "only {checked} golden pixel_values found");
 }
+
+/// 16-bit PNGs decode to the RGB Pillow gives (tools/make_png16_fixtures.py).
+#[test]
+fn sixteen_bit_pngs_convert_as_pillow_does() {
+    let dir = fixtures().join("png16");
+    let mut checked = 0;
+    for name in ["gray16", "rgb16", "graya16", "rgba16"] {
+        let bytes = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
+        let ours = blip2_server::preprocess::decode_rgb(&bytes, ImageLimits::default()).unwrap();
+        let theirs = image::open(dir.join(format!("{name}.pil-rgb.png")))
+            .unwrap()
+            .into_rgb8();
+        assert_eq!(
+            (ours.width as u32, ours.height as u32),
+            theirs.dimensions(),
+            "{name}"
+        );
+        assert_eq!(&ours.data, theirs.as_raw(), "{name}: differs from Pillow");
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}

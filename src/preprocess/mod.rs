@@ -280,7 +280,47 @@ fn png_ihdr_size(bytes: &[u8]) -> Option<(u32, u32)> {
     Some((width, height))
 }
 
+/// RGB as PIL's `convert("RGB")` gives it. 16-bit PNGs differ from the `image` crate's
+/// rounding: PIL keeps the high byte of 16-bit colour (and grey+alpha), and clips 16-bit grey
+/// (its mode I;16) to 255.
 fn to_rgb8(img: DynamicImage) -> Image8 {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let from_fn = |data: Vec<u8>| Image8 {
+        width,
+        height,
+        channels: 3,
+        data,
+    };
+    match &img {
+        DynamicImage::ImageLuma16(g) => {
+            return from_fn(
+                g.as_raw()
+                    .iter()
+                    .flat_map(|&v| [v.min(255) as u8; 3])
+                    .collect(),
+            );
+        }
+        DynamicImage::ImageLumaA16(g) => {
+            return from_fn(
+                g.as_raw()
+                    .chunks_exact(2)
+                    .flat_map(|p| [(p[0] >> 8) as u8; 3])
+                    .collect(),
+            );
+        }
+        DynamicImage::ImageRgb16(c) => {
+            return from_fn(c.as_raw().iter().map(|&v| (v >> 8) as u8).collect());
+        }
+        DynamicImage::ImageRgba16(c) => {
+            return from_fn(
+                c.as_raw()
+                    .chunks_exact(4)
+                    .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+                    .collect(),
+            );
+        }
+        _ => {}
+    }
     let rgb = img.into_rgb8();
     Image8 {
         width: rgb.width() as usize,
