@@ -410,12 +410,12 @@ VISION_CFG = dict(
 # positions (pos_std) so that greedy search does not lock into repeating the input token (the lm_head
 # is tied to embed_tokens). Seeds were picked (by running this script's checks) so that every golden
 # greedy step has a clear top-1/top-2 margin, batch rows equal single rows, outputs are not degenerate
-# and some unconstrained runs (batch rows included) stop at EOS.
+# and some unconstrained runs (batch rows included) stop at EOS; the OPT models also generate <image> (400).
 MODEL_SPECS = {
     "opt-tiny": dict(kind="opt", legacy=False, num_query_tokens=4, qformer_layers=3, cross_attention_frequency=2,
-                     seed=81, emb_std=0.2, gain=1.25, pos_std=1.5),
+                     seed=275, emb_std=0.2, gain=1.25, pos_std=1.5),
     "opt-tiny-legacy": dict(kind="opt", legacy=True, num_query_tokens=6, qformer_layers=4, cross_attention_frequency=3,
-                            seed=15, emb_std=0.2, gain=1.25, pos_std=1.5),
+                            seed=76, emb_std=0.2, gain=1.25, pos_std=1.5),
     # T5: lm_head = 0.5 * normal(0, emb_std) - lm_head_neg * shared, which keeps the random decoder
     # from locking into "same token forever" loops under greedy search.
     "t5-tiny": dict(kind="t5", legacy=False, num_query_tokens=5, qformer_layers=3, cross_attention_frequency=2,
