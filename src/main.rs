@@ -61,7 +61,7 @@ struct GenerationArgs {
     repetition_penalty: Option<f32>,
     /// Beam search: scores are divided by length ** this [default: 1.0].
     #[arg(long, allow_hyphen_values = true)]
-    length_penalty: Option<f32>,
+    length_penalty: Option<f64>,
     /// Sequences returned per image (<= num_beams for beam search; needs --do-sample otherwise).
     #[arg(long)]
     num_return_sequences: Option<usize>,

@@ -64,6 +64,13 @@ impl Blip2Pipeline {
 
     pub fn load_files(files: &ModelFiles, options: &LoadOptions) -> Result<Self, PipelineError> {
         let model = Blip2Model::load(files, options.dtype, &options.device)?;
+        let ignored = model.config.generation.unsupported();
+        if !ignored.is_empty() {
+            tracing::warn!(
+                settings = ?ignored,
+                "text_config sets generation options this server ignores; outputs may differ from transformers'"
+            );
+        }
         let images = ImageProcessor::from_file(&files.preprocessor_config, options.limits)?;
         let prompts = PromptBuilder::new(
             &files.tokenizer,

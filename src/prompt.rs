@@ -20,6 +20,10 @@ pub enum PromptError {
     Tokenizer(String),
     #[error("prompt is {tokens} tokens, over the limit of {limit}")]
     TooLong { tokens: usize, limit: usize },
+    #[error(
+        "the prompt may not contain the image token (id {0}); the image is added by the server"
+    )]
+    ImageTokenInPrompt(u32),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,8 +54,13 @@ impl PromptBuilder {
         tokenizer_config: Option<&Path>,
         config: &Blip2Config,
     ) -> Result<Self, PromptError> {
-        let tokenizer = Tokenizer::from_file(tokenizer_json)
+        let mut tokenizer = Tokenizer::from_file(tokenizer_json)
             .map_err(|e| PromptError::Tokenizer(format!("{}: {e}", tokenizer_json.display())))?;
+        // transformers calls the tokenizer without truncation or padding unless asked.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None);
         let tc: TokenizerConfig = match tokenizer_config {
             Some(p) => std::fs::read_to_string(p)
                 .ok()
@@ -85,6 +94,9 @@ impl PromptBuilder {
                 .get_ids()
                 .to_vec(),
         };
+        if let Some(img) = self.image_token_index.filter(|id| text_ids.contains(id)) {
+            return Err(PromptError::ImageTokenInPrompt(img));
+        }
         Ok(Prompt { text_ids })
     }
 

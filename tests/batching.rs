@@ -45,7 +45,7 @@ fn params() -> impl Strategy<Value = GenerationParams> {
         });
     let beams = (
         2usize..5,
-        prop_oneof![Just(1.0f32), Just(-1.0), Just(0.0), Just(2.0)],
+        prop_oneof![Just(1.0f64), Just(-1.0), Just(0.0), Just(2.0)],
         1usize..5,
         2usize..10,
     )
@@ -227,4 +227,94 @@ fn opt_requests_joining_a_running_batch_decode_as_alone() {
 #[test]
 fn t5_requests_joining_a_running_batch_decode_as_alone() {
     join_mid_decode("t5-tiny");
+}
+
+/// Cancelling one request mid-decode ends it with `cancelled` (beams keep their best partial
+/// sequences) and leaves the others' tokens untouched.
+#[test]
+fn cancelled_requests_leave_and_the_rest_continue() {
+    use blip2_server::generation::{DecodeBatch, FinishReason, SequenceRequest};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let files = ModelFiles::from_dir(&model_dir("opt-tiny")).unwrap();
+    let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+    let specs = [
+        Spec {
+            image: 0,
+            prompt: 1,
+            params: GenerationParams {
+                max_new_tokens: 10,
+                min_new_tokens: 10,
+                ..GenerationParams::default()
+            },
+        },
+        Spec {
+            image: 1,
+            prompt: 0,
+            params: GenerationParams {
+                num_beams: 3,
+                num_return_sequences: 2,
+                max_new_tokens: 10,
+                min_new_tokens: 10,
+                ..GenerationParams::default()
+            },
+        },
+        Spec {
+            image: 2,
+            prompt: 2,
+            params: GenerationParams {
+                max_new_tokens: 10,
+                min_new_tokens: 10,
+                ..GenerationParams::default()
+            },
+        },
+    ];
+    let images: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|s| std::fs::read(image_path(IMAGES[s.image])).unwrap())
+        .collect();
+    let pixels: Vec<Vec<f32>> = images
+        .iter()
+        .map(|b| pipeline.images.pixel_values(b).unwrap())
+        .collect();
+    let pv = pipeline
+        .images
+        .batch_tensor(&pixels, pipeline.model.device())
+        .unwrap();
+    let features = pipeline.model.image_features(&pv).unwrap();
+    let flags: Vec<Arc<AtomicBool>> = specs
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
+    let requests: Vec<SequenceRequest> = specs
+        .iter()
+        .zip(&flags)
+        .map(|(s, flag)| SequenceRequest {
+            prompt: pipeline.prompts.build(PROMPTS[s.prompt]).unwrap(),
+            params: s.params.clone(),
+            cancel: Some(flag.clone()),
+        })
+        .collect();
+    let mut batch = DecodeBatch::prefill(
+        &pipeline.model,
+        &pipeline.prompts,
+        &features.query_embeds,
+        &requests,
+    )
+    .unwrap();
+    for _ in 0..4 {
+        batch.step().unwrap();
+    }
+    flags[0].store(true, Ordering::Relaxed);
+    flags[1].store(true, Ordering::Relaxed);
+    let out = batch.run().unwrap();
+    for seq in out[0].iter().chain(&out[1]) {
+        assert_eq!(seq.finish_reason, FinishReason::Cancelled);
+        assert!(seq.token_ids.len() < 10);
+    }
+    assert_eq!(out[1].len(), 2, "beams return their best partial sequences");
+    let alone = run(&pipeline, &specs[2..]);
+    let continued: Vec<Vec<u32>> = out[2].iter().map(|s| s.token_ids.clone()).collect();
+    assert_eq!(continued, alone[0]);
+    assert_eq!(out[2][0].finish_reason, FinishReason::Length);
 }

@@ -33,7 +33,7 @@ struct Params {
     max_new_tokens: usize,
     min_new_tokens: usize,
     num_beams: usize,
-    length_penalty: f32,
+    length_penalty: f64,
     num_return_sequences: usize,
     repetition_penalty: f32,
     no_repeat_ngram_size: usize,

@@ -24,6 +24,8 @@ struct Beam {
 pub struct Hypothesis {
     pub tokens: Vec<u32>,
     pub score: f32,
+    /// Taken from the running beams when the request was cancelled.
+    pub cancelled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -35,8 +37,8 @@ pub struct BeamSearch {
     done: bool,
 }
 
-fn length_norm(score: f32, length: usize, penalty: f32) -> f32 {
-    score / ((length as f64).powf(penalty as f64) as f32)
+fn length_norm(score: f32, length: usize, penalty: f64) -> f32 {
+    score / ((length as f64).powf(penalty) as f32)
 }
 
 impl BeamSearch {
@@ -106,6 +108,7 @@ impl BeamSearch {
                 merged.push(Hypothesis {
                     score: length_norm(score, gen_len + 1, params.length_penalty),
                     tokens,
+                    cancelled: false,
                 });
             }
         }
@@ -142,6 +145,24 @@ impl BeamSearch {
             return Vec::new();
         }
         next
+    }
+
+    /// Stops the search; running beams (length-normalised) fill the finished set where it has
+    /// room, so a cancelled request still returns its best partial sequences.
+    pub fn cancel(&mut self, length_penalty: f64) {
+        for beam in std::mem::take(&mut self.running) {
+            if beam.tokens.is_empty() {
+                continue;
+            }
+            self.finished.push(Hypothesis {
+                score: length_norm(beam.score, beam.tokens.len(), length_penalty),
+                tokens: beam.tokens,
+                cancelled: true,
+            });
+        }
+        self.finished.sort_by(|a, b| b.score.total_cmp(&a.score));
+        self.finished.truncate(self.num_beams);
+        self.done = true;
     }
 
     /// The best `n` finished hypotheses, best first.

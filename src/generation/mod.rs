@@ -40,8 +40,8 @@ pub struct GenerationParams {
     pub top_k: Option<usize>,
     pub top_p: f32,
     pub repetition_penalty: f32,
-    /// Beam scores are divided by `length ** length_penalty`.
-    pub length_penalty: f32,
+    /// Beam scores are divided by `length ** length_penalty` (the power in f64, as Python).
+    pub length_penalty: f64,
     pub num_beams: usize,
     pub num_return_sequences: usize,
     pub no_repeat_ngram_size: usize,
@@ -74,6 +74,11 @@ impl Default for GenerationParams {
 
 /// The most stop strings one request may give.
 pub const MAX_STOP_STRINGS: usize = 8;
+/// Upper bounds that keep one request from taking the machine (memory grows with beams and
+/// returned sequences, time with new tokens).
+pub const MAX_BEAMS: usize = 16;
+pub const MAX_RETURN_SEQUENCES: usize = 16;
+pub const MAX_NEW_TOKENS: usize = 4096;
 
 impl GenerationParams {
     /// The defaults with the checkpoint's text-config overrides applied.
@@ -98,8 +103,16 @@ impl GenerationParams {
     /// Refuses settings the reference refuses or that make no sense, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(ModelError::Input(msg));
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens must be >= 1".into());
+        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
+            return bad(format!(
+                "max_new_tokens must be in 1..={MAX_NEW_TOKENS}, got {}",
+                self.max_new_tokens
+            ));
+        }
+        if self.num_beams > MAX_BEAMS || self.num_return_sequences > MAX_RETURN_SEQUENCES {
+            return bad(format!(
+                "num_beams must be <= {MAX_BEAMS} and num_return_sequences <= {MAX_RETURN_SEQUENCES}"
+            ));
         }
         if self.min_new_tokens > self.max_new_tokens {
             return bad(format!(
@@ -107,11 +120,15 @@ impl GenerationParams {
                 self.min_new_tokens, self.max_new_tokens
             ));
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return bad(format!("temperature must be > 0, got {}", self.temperature));
+        // The warpers only run when sampling, as in transformers.
+        if self.do_sample && !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "temperature must be > 0 when sampling, got {}",
+                self.temperature
+            ));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return bad(format!("top_p must be in [0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return bad(format!(
@@ -284,15 +301,14 @@ impl<'m> DecodeBatch<'m> {
         let (state, logits) = match &model.language_model {
             LanguageModel::Opt(opt) => {
                 let max_positions = opt.max_positions();
-                let longest_new = requests
-                    .iter()
-                    .map(|r| r.params.max_new_tokens)
-                    .max()
-                    .unwrap_or(0);
-                if q + longest + longest_new > max_positions {
-                    return Err(ModelError::Input(format!(
-                        "{q} query tokens + {longest} prompt tokens + {longest_new} new tokens exceed the model's {max_positions} positions"
-                    )));
+                // Positions count each row's real tokens only, so the limit is per request.
+                for r in requests {
+                    let (len, new) = (r.prompt.text_ids.len(), r.params.max_new_tokens);
+                    if q.saturating_add(len).saturating_add(new) > max_positions {
+                        return Err(ModelError::Input(format!(
+                            "{q} query tokens + {len} prompt tokens + {new} new tokens exceed the model's {max_positions} positions"
+                        )));
+                    }
                 }
                 let mut ids = Vec::with_capacity(b * longest);
                 let mut key_mask = Vec::with_capacity(b);
@@ -480,14 +496,17 @@ impl<'m> DecodeBatch<'m> {
                 .as_ref()
                 .is_some_and(|c| c.load(Ordering::Relaxed));
             let next = if cancelled {
-                if let Search::Sampled { candidates, .. } = &mut req.search {
-                    for c in candidates.iter_mut().filter(|c| c.finish.is_none()) {
-                        c.finish = Some(FinishReason::Cancelled);
+                match &mut req.search {
+                    Search::Sampled { candidates, .. } => {
+                        for c in candidates.iter_mut().filter(|c| c.finish.is_none()) {
+                            c.finish = Some(FinishReason::Cancelled);
+                        }
                     }
+                    Search::Beam(beam) => beam.cancel(req.params.length_penalty),
                 }
                 Vec::new()
             } else {
-                advance(req, rows, &self.eos, self.tok)?
+                advance(req, rows, &self.eos, self.tok)
             };
             let row_base = base - req.live_rows;
             req.live_rows = next.len();
@@ -545,10 +564,10 @@ fn advance(
     rows: &[Vec<f32>],
     eos: &[u32],
     tok: &PromptBuilder,
-) -> Result<Vec<(usize, u32)>> {
+) -> Vec<(usize, u32)> {
     let params = &req.params;
     match &mut req.search {
-        Search::Beam(beam) => Ok(beam.step(rows, &req.context, params, eos)),
+        Search::Beam(beam) => beam.step(rows, &req.context, params, eos),
         Search::Sampled { candidates, rng } => {
             let mut next = Vec::new();
             for c in candidates.iter_mut().filter(|c| c.finish.is_none()) {
@@ -565,11 +584,9 @@ fn advance(
                 };
                 c.logprob += processors::log_softmax(&scores)[token as usize];
                 c.tokens.push(token);
-                if let Some(piece) = c
-                    .text
-                    .push(token, tok)
-                    .map_err(|e| ModelError::Input(e.to_string()))?
-                {
+                // Decoding known ids cannot fail; were it to, the piece is only held back from
+                // the stop check (the final text is decoded again at the end).
+                if let Ok(Some(piece)) = c.text.push(token, tok) {
                     c.shown.push_str(&piece);
                 }
                 if eos.contains(&token) {
@@ -584,7 +601,7 @@ fn advance(
                     c.row = next.len() - 1;
                 }
             }
-            Ok(next)
+            next
         }
     }
 }
@@ -622,7 +639,9 @@ fn finish(req: RequestState, tok: &PromptBuilder, eos: &[u32]) -> Result<Vec<Gen
             .into_iter()
             .map(|h| {
                 let mut text = decode(&h.tokens)?;
-                let mut finish_reason = if h.tokens.last().is_some_and(|t| eos.contains(t)) {
+                let mut finish_reason = if h.cancelled {
+                    FinishReason::Cancelled
+                } else if h.tokens.last().is_some_and(|t| eos.contains(t)) {
                     FinishReason::EosToken
                 } else {
                     FinishReason::Length
@@ -669,6 +688,7 @@ mod tests {
             (
                 GenerationParams {
                     temperature: 0.0,
+                    do_sample: true,
                     ..ok.clone()
                 },
                 "temperature",

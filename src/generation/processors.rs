@@ -85,11 +85,14 @@ pub fn warp(scores: &mut [f32], p: &GenerationParams) {
         let probs = softmax(scores);
         let mut order: Vec<usize> = (0..scores.len()).collect();
         order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-        let mut cumulative = 0f32;
+        // torch compares the f32 cumulative sum with the f32 rounding of (1 - top_p) taken in
+        // f64; accumulate in f64 so 50k small terms do not drift.
+        let threshold = (1.0f64 - p.top_p as f64) as f32;
+        let mut cumulative = 0f64;
         let last = order.len() - 1;
         for (rank, &i) in order.iter().enumerate() {
-            cumulative += probs[i];
-            if cumulative <= 1.0 - p.top_p && rank < last {
+            cumulative += probs[i] as f64;
+            if (cumulative as f32) <= threshold && rank < last {
                 scores[i] = f32::NEG_INFINITY;
             }
         }

@@ -60,8 +60,15 @@ impl Blip2Model {
             other => other,
         };
         let vision = VisionEncoder::new(&config.vision, vb.pp("vision_model")).map_err(wrap)?;
+        // transformers keeps `query_tokens` and the Q-Former in f32 when loading in f16
+        // (`_keep_in_fp32_modules`); bf16 makes everything bf16.
+        let qformer_vb = if vb.dtype() == DType::F16 {
+            vb.clone().set_dtype(DType::F32)
+        } else {
+            vb.clone()
+        };
         let qformer =
-            QFormer::new(&config.qformer, config.num_query_tokens, vb.clone()).map_err(wrap)?;
+            QFormer::new(&config.qformer, config.num_query_tokens, qformer_vb).map_err(wrap)?;
         let language_projection = linear(
             config.qformer.hidden_size,
             config.text.hidden_size(),

@@ -306,7 +306,8 @@ impl T5Config {
         let gated = self.is_gated_act.unwrap_or(gated);
         let act = match self.dense_act_fn {
             Some(act) => act,
-            None if act_name == "gelu" => Activation::GeluTanh,
+            // T5Config.__init__ remaps exactly "gated-gelu" to gelu_new; plain "gelu" stays exact.
+            None if gated && act_name == "gelu" => Activation::GeluTanh,
             None => serde_json::from_value(serde_json::Value::String(act_name.to_string()))
                 .map_err(|_| {
                     ModelError::Config(format!("unsupported T5 activation {act_name:?}"))
@@ -389,10 +390,48 @@ pub struct GenerationDefaults {
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
-    pub length_penalty: Option<f32>,
+    pub length_penalty: Option<f64>,
     pub num_beams: Option<usize>,
     pub num_return_sequences: Option<usize>,
     pub no_repeat_ngram_size: Option<usize>,
+    // Settings the reference would honour that this engine does not (yet); see `unsupported`.
+    max_length: Option<usize>,
+    min_length: Option<usize>,
+    early_stopping: Option<serde_json::Value>,
+    forced_eos_token_id: Option<serde_json::Value>,
+    forced_bos_token_id: Option<serde_json::Value>,
+    bad_words_ids: Option<serde_json::Value>,
+    suppress_tokens: Option<serde_json::Value>,
+}
+
+impl GenerationDefaults {
+    /// Names of text_config generation settings with non-default values that we ignore, so the
+    /// caller can warn: outputs may then differ from the reference's.
+    pub fn unsupported(&self) -> Vec<&'static str> {
+        let set = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .is_some_and(|v| !v.is_null() && *v != serde_json::Value::Bool(false))
+        };
+        let mut out = Vec::new();
+        if self.max_length.is_some_and(|m| m != 20) {
+            out.push("max_length");
+        }
+        if self.min_length.is_some_and(|m| m != 0) {
+            out.push("min_length");
+        }
+        for (name, v) in [
+            ("early_stopping", &self.early_stopping),
+            ("forced_eos_token_id", &self.forced_eos_token_id),
+            ("forced_bos_token_id", &self.forced_bos_token_id),
+            ("bad_words_ids", &self.bad_words_ids),
+            ("suppress_tokens", &self.suppress_tokens),
+        ] {
+            if set(v) {
+                out.push(name);
+            }
+        }
+        out
+    }
 }
 
 /// The whole `config.json` of a `Blip2ForConditionalGeneration` checkpoint.

@@ -83,6 +83,16 @@ impl OptKvCache {
     }
 }
 
+/// `xs * factor`, computed in f32 as torch does for half dtypes (candle would round the factor
+/// to the tensor's dtype first).
+pub(crate) fn scale(xs: &Tensor, factor: f64) -> candle_core::Result<Tensor> {
+    if xs.dtype() == DType::F32 {
+        xs * factor
+    } else {
+        (xs.to_dtype(DType::F32)? * factor)?.to_dtype(xs.dtype())
+    }
+}
+
 /// Concatenates `a` and `b` along dim 0 after zero-padding the shorter one along `dim` to the
 /// longer's length, at the front (`front`) or the back.
 pub(crate) fn cat_padded(
@@ -181,7 +191,10 @@ impl OptAttention {
         mask: &Tensor,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let q = split_heads(&(self.q_proj.forward(xs)? * self.scaling)?, self.num_heads)?;
+        let q = split_heads(
+            &scale(&self.q_proj.forward(xs)?, self.scaling)?,
+            self.num_heads,
+        )?;
         let k = split_heads(&self.k_proj.forward(xs)?, self.num_heads)?;
         let v = split_heads(&self.v_proj.forward(xs)?, self.num_heads)?;
         let (k, v) = match cache.take() {
@@ -294,11 +307,12 @@ impl OptDecoder {
         } else {
             None
         };
-        // Some checkpoints store the head; otherwise it is tied to the input embeddings.
-        let head_weight = if vb.contains_tensor("lm_head.weight") {
-            vb.get((cfg.vocab_size, d), "lm_head.weight")?
-        } else {
+        // Tied (the default): the head is `embed_tokens`, whatever a shard stores under
+        // lm_head.weight (transformers' tie_weights overwrites it). Untied: it must be stored.
+        let head_weight = if cfg.tie_word_embeddings {
             embed_tokens.embeddings().clone()
+        } else {
+            vb.get((cfg.vocab_size, d), "lm_head.weight")?
         };
         Ok(Self {
             embed_tokens,

@@ -9,7 +9,7 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 use super::linear::{linear, Linear};
 
 use super::config::{Activation, QFormerConfig};
-use super::vision::{attend, merge_heads, split_heads};
+use super::vision::{merge_heads, split_heads};
 use super::Result;
 
 /// BERT attention (`attention.attention` + `attention.output`): `LN(dense(ctx) + x)`.
@@ -20,7 +20,8 @@ struct QFormerAttention {
     dense: Linear,
     layer_norm: LayerNorm,
     num_heads: usize,
-    scale: f64,
+    /// sqrt(head_dim): the reference divides the scores by it (not a multiply by its inverse).
+    sqrt_head_dim: f64,
 }
 
 impl QFormerAttention {
@@ -35,7 +36,7 @@ impl QFormerAttention {
             dense: linear(d, d, out.pp("dense"))?,
             layer_norm: layer_norm(d, cfg.layer_norm_eps, out.pp("LayerNorm"))?,
             num_heads: cfg.num_attention_heads,
-            scale: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
+            sqrt_head_dim: ((d / cfg.num_attention_heads) as f64).sqrt(),
         })
     }
 
@@ -44,7 +45,10 @@ impl QFormerAttention {
         let q = split_heads(&self.query.forward(xs)?, self.num_heads)?;
         let k = split_heads(&self.key.forward(context)?, self.num_heads)?;
         let v = split_heads(&self.value.forward(context)?, self.num_heads)?;
-        let ctx = merge_heads(&attend(&q, &k, &v, self.scale)?)?;
+        let divisor = Tensor::new(self.sqrt_head_dim as f32, q.device())?.to_dtype(q.dtype())?;
+        let scores = q.matmul(&k.t()?)?.broadcast_div(&divisor)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = merge_heads(&probs.matmul(&v)?)?;
         let h = self.dense.forward(&ctx)?;
         Ok(self.layer_norm.forward(&(h + xs)?)?)
     }

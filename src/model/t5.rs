@@ -36,7 +36,7 @@ impl RmsNorm {
         let dtype = xs.dtype();
         let x32 = xs.to_dtype(DType::F32)?;
         let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x32.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let normed = x32.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
         Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
     }
 }
@@ -333,6 +333,9 @@ pub struct T5Model {
     decoder: Vec<DecoderBlock>,
     decoder_norm: RmsNorm,
     lm_head: Linear,
+    /// Tied heads scale the decoder output by d_model^-0.5 before the projection.
+    head_scale: Option<f64>,
+    decoder_start: u32,
     cfg: T5Config,
 }
 
@@ -368,19 +371,33 @@ impl T5Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings {
-            // A tied head is `shared`, and the reference rescales its input by d_model^-0.5;
-            // folding the scale into the weight is the same product. (BLIP-2's Flan-T5
-            // checkpoints are untied.)
-            Linear::new((shared.embeddings() * (d as f64).powf(-0.5))?, None)?
+        let (lm_head, head_scale) = if cfg.tie_word_embeddings {
+            // A tied head is `shared`; the reference rescales its input by d_model^-0.5.
+            // (BLIP-2's Flan-T5 checkpoints are untied.)
+            (
+                Linear::new(shared.embeddings().clone(), None)?,
+                Some((d as f64).powf(-0.5)),
+            )
         } else if vb.contains_tensor("lm_head.weight") {
-            Linear::new(vb.get((cfg.vocab_size, d), "lm_head.weight")?, None)?
+            (
+                Linear::new(vb.get((cfg.vocab_size, d), "lm_head.weight")?, None)?,
+                None,
+            )
         } else {
             return Err(ModelError::Weights(format!(
                 "tensor {}.lm_head.weight is missing from the checkpoint (tie_word_embeddings is false)",
                 vb.prefix()
             )));
         };
+        // generate() starts the decoder from decoder_start_token_id, else bos_token_id.
+        let decoder_start = cfg
+            .decoder_start_token_id
+            .or(cfg.bos_token_id)
+            .ok_or_else(|| {
+                ModelError::Config(
+                    "text_config has neither decoder_start_token_id nor bos_token_id".into(),
+                )
+            })?;
         Ok(Self {
             shared,
             encoder,
@@ -388,15 +405,14 @@ impl T5Model {
             decoder,
             decoder_norm: RmsNorm::new(d, eps, dec.pp("final_layer_norm"))?,
             lm_head,
+            head_scale,
+            decoder_start,
             cfg: cfg.clone(),
         })
     }
 
     pub fn decoder_start_token_id(&self) -> u32 {
-        self.cfg
-            .decoder_start_token_id
-            .or(self.cfg.pad_token_id)
-            .unwrap_or(0)
+        self.decoder_start
     }
 
     /// Token ids [B, S] (u32) -> embeddings [B, S, d_model].
@@ -490,7 +506,10 @@ impl T5Model {
             let h = block.ffn_norm.forward(&xs)?;
             xs = (&xs + block.ffn.forward(&h)?)?;
         }
-        let xs = self.decoder_norm.forward(&xs)?.squeeze(1)?;
+        let mut xs = self.decoder_norm.forward(&xs)?.squeeze(1)?;
+        if let Some(s) = self.head_scale {
+            xs = super::opt::scale(&xs, s)?;
+        }
         Ok(self.lm_head.forward(&xs)?.to_dtype(DType::F32)?)
     }
 }

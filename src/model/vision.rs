@@ -17,7 +17,7 @@ pub(crate) fn attend(
     v: &Tensor,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = super::opt::scale(&q.matmul(&k.t()?)?, scale)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     probs.matmul(v)
 }
