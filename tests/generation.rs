@@ -140,3 +140,57 @@ fn incremental_detokenisation_concatenates_to_the_full_text() {
         }
     }
 }
+
+/// A stop string that starts in one token's text and ends in the next still stops generation
+/// and is cut from the text.
+#[test]
+fn stop_strings_spanning_tokens_are_found_and_cut() {
+    use blip2_server::generation::{FinishReason, IncrementalDecoder};
+    let files = ModelFiles::from_dir(&model_dir("opt-tiny")).unwrap();
+    let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+    let image = vec![std::fs::read(image_path("wide_1000x150.png")).unwrap()];
+    let prompt = vec![Some("a photo of".to_string())];
+    let free = GenerationParams {
+        max_new_tokens: 12,
+        min_new_tokens: 12,
+        ..GenerationParams::default()
+    };
+    let out = pipeline
+        .generate(&image, &prompt, std::slice::from_ref(&free))
+        .unwrap();
+    let seq = &out[0].sequences[0];
+    // The streamed pieces, to find a boundary between two tokens' texts.
+    let mut dec = IncrementalDecoder::new();
+    let pieces: Vec<String> = seq
+        .token_ids
+        .iter()
+        .map(|&t| dec.push(t, &pipeline.prompts).unwrap().unwrap_or_default())
+        .collect();
+    let k = (0..pieces.len() - 1)
+        .find(|&k| {
+            !pieces[k].trim().is_empty()
+                && !pieces[k + 1].trim().is_empty()
+                && !pieces[k].ends_with('\u{FFFD}')
+        })
+        .expect("two neighbouring tokens with text");
+    let stop: String = pieces[k]
+        .chars()
+        .last()
+        .into_iter()
+        .chain(pieces[k + 1].chars().next())
+        .collect();
+    let text = &seq.text;
+    let cut_at = text.find(&stop).unwrap();
+    let params = GenerationParams {
+        stop: vec![stop.clone()],
+        ..free
+    };
+    let stopped = &pipeline.generate(&image, &prompt, &[params]).unwrap()[0].sequences[0];
+    assert_eq!(
+        stopped.finish_reason,
+        FinishReason::StopSequence,
+        "stop {stop:?}"
+    );
+    assert_eq!(&stopped.text, &text[..cut_at]);
+    assert!(stopped.token_ids.len() <= k + 2 && seq.token_ids.starts_with(&stopped.token_ids));
+}
