@@ -3,8 +3,9 @@
 //!
 //! Data flows top to bottom: `preprocess` (bytes -> pixel values) and `prompt` (text -> ids)
 //! feed `model` (the three towers), which `generation` drives token by token; `pipeline` ties
-//! them to one loaded checkpoint.
+//! them to one loaded checkpoint; `engine` runs it on a model thread with continuous batching.
 
+pub mod engine;
 pub mod generation;
 pub mod model;
 pub mod pipeline;

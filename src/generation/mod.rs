@@ -225,6 +225,9 @@ struct Candidate {
     finish: Option<FinishReason>,
     /// Its row among the rows the request had this step.
     row: usize,
+    /// What the last token added, for streaming.
+    last_piece: String,
+    last_logprob: f32,
 }
 
 enum Search {
@@ -267,6 +270,19 @@ pub struct DecodeBatch<'m> {
     eos: Vec<u32>,
     /// T5 only: the encoder's `last_hidden_state` [B, L, d] of the prefill.
     encoder_output: Option<Tensor>,
+    /// Streamed tokens of the last step, see [`DecodeBatch::take_stream_events`].
+    events: Vec<StreamEvent>,
+}
+
+/// One streamed token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvent {
+    /// Position of the request in the batch when the step ran.
+    pub request: usize,
+    pub token: u32,
+    /// Text this token completes (empty while a character is incomplete).
+    pub text: String,
+    pub logprob: f32,
 }
 
 impl<'m> DecodeBatch<'m> {
@@ -392,6 +408,8 @@ impl<'m> DecodeBatch<'m> {
                                 shown: String::new(),
                                 finish: None,
                                 row: 0,
+                                last_piece: String::new(),
+                                last_logprob: 0.0,
                             })
                             .collect(),
                         rng: r.params.do_sample.then(|| {
@@ -419,6 +437,7 @@ impl<'m> DecodeBatch<'m> {
             logits,
             eos: model.config.text.eos_token_ids(),
             encoder_output,
+            events: Vec::new(),
         })
     }
 
@@ -485,7 +504,7 @@ impl<'m> DecodeBatch<'m> {
         let mut parents = Vec::new();
         let mut tokens = Vec::new();
         let mut base = 0;
-        for req in &mut self.requests {
+        for (position, req) in self.requests.iter_mut().enumerate() {
             let rows = &logits[base..base + req.live_rows];
             base += req.live_rows;
             if req.live_rows == 0 {
@@ -506,7 +525,20 @@ impl<'m> DecodeBatch<'m> {
                 }
                 Vec::new()
             } else {
-                advance(req, rows, &self.eos, self.tok)
+                let next = advance(req, rows, &self.eos, self.tok);
+                if let Search::Sampled { candidates, .. } = &req.search {
+                    if let [c] = candidates.as_slice() {
+                        if let Some(&token) = c.tokens.last() {
+                            self.events.push(StreamEvent {
+                                request: position,
+                                token,
+                                text: c.last_piece.clone(),
+                                logprob: c.last_logprob,
+                            });
+                        }
+                    }
+                }
+                next
             };
             let row_base = base - req.live_rows;
             req.live_rows = next.len();
@@ -542,6 +574,38 @@ impl<'m> DecodeBatch<'m> {
             _ => unreachable!("state is built for the model it runs"),
         };
         Ok(())
+    }
+
+    /// Removes the requests that have finished and returns them with their position among the
+    /// requests before removal (positions of later requests shift down). They hold no model
+    /// rows, so the KV state is unaffected.
+    pub fn take_finished(&mut self) -> Result<Vec<(usize, Vec<GeneratedSequence>)>> {
+        let mut out = Vec::new();
+        let mut kept = Vec::with_capacity(self.requests.len());
+        for (i, req) in std::mem::take(&mut self.requests).into_iter().enumerate() {
+            if req.live_rows == 0 {
+                out.push((i, finish(req, self.tok, &self.eos)?));
+            } else {
+                kept.push(req);
+            }
+        }
+        self.requests = kept;
+        Ok(out)
+    }
+
+    /// Tokens chosen by the last step for requests that stream (one sequence, no beams), as
+    /// (request position, token id, text piece completed by it, its log-probability).
+    pub fn take_stream_events(&mut self) -> Vec<StreamEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Number of requests in the batch (finished ones included until taken).
+    pub fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
     }
 
     /// Runs every request to completion; one list of sequences per request.
@@ -582,7 +646,9 @@ fn advance(
                     }
                     None => processors::argmax(&scores),
                 };
-                c.logprob += processors::log_softmax(&scores)[token as usize];
+                c.last_logprob = processors::log_softmax(&scores)[token as usize];
+                c.logprob += c.last_logprob;
+                let shown_before = c.shown.len();
                 c.tokens.push(token);
                 // Decoding known ids cannot fail; were it to, the piece is only held back from
                 // the stop check (the final text is decoded again at the end).
@@ -600,6 +666,8 @@ fn advance(
                     next.push((c.row, token));
                     c.row = next.len() - 1;
                 }
+                // What this token adds to the visible text (nothing past a stop string).
+                c.last_piece = c.shown.get(shown_before..).unwrap_or("").to_string();
             }
             next
         }

@@ -1,0 +1,164 @@
+//! The model worker: jobs submitted together are batched (continuous batching) and each gets the
+//! sequences it would get alone; streamed tokens add up to the final ones; a job whose caller
+//! hangs up is cancelled and the others are unaffected.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use blip2_server::engine::{self, EngineConfig, Job, JobEvent};
+use blip2_server::generation::GenerationParams;
+use blip2_server::model::ModelFiles;
+use blip2_server::{Blip2Pipeline, LoadOptions};
+use common::*;
+use tokio::sync::mpsc;
+
+fn load() -> Blip2Pipeline {
+    let files = ModelFiles::from_dir(&model_dir("opt-tiny")).unwrap();
+    Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap()
+}
+
+struct Case {
+    image: &'static str,
+    prompt: Option<&'static str>,
+    params: GenerationParams,
+}
+
+fn cases() -> Vec<Case> {
+    let greedy = |max| GenerationParams {
+        max_new_tokens: max,
+        min_new_tokens: max,
+        ..GenerationParams::default()
+    };
+    vec![
+        Case {
+            image: "rgb_640x480.png",
+            prompt: None,
+            params: greedy(12),
+        },
+        Case {
+            image: "rgba_100x37.png",
+            prompt: Some("a photo of"),
+            params: greedy(5),
+        },
+        Case {
+            image: "gray_13x200.png",
+            prompt: Some("Question: what is in the picture? Answer:"),
+            params: GenerationParams {
+                num_beams: 3,
+                num_return_sequences: 2,
+                max_new_tokens: 8,
+                ..GenerationParams::default()
+            },
+        },
+        Case {
+            image: "photo_320x240.jpg",
+            prompt: None,
+            params: GenerationParams {
+                do_sample: true,
+                seed: Some(3),
+                max_new_tokens: 9,
+                ..GenerationParams::default()
+            },
+        },
+        Case {
+            image: "tall_300x1000.png",
+            prompt: Some("a photo of"),
+            params: greedy(20),
+        },
+    ]
+}
+
+fn job(p: &Blip2Pipeline, c: &Case) -> (Job, mpsc::UnboundedReceiver<JobEvent>) {
+    let bytes = std::fs::read(image_path(c.image)).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let job = Job {
+        pixel_values: p.images.pixel_values(&bytes).unwrap(),
+        prompt: p.prompts.build(c.prompt).unwrap(),
+        params: c.params.clone(),
+        events: tx,
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    (job, rx)
+}
+
+#[test]
+fn batched_jobs_get_what_they_get_alone_and_stream_their_tokens() {
+    let reference = load();
+    let expected: Vec<Vec<Vec<u32>>> = cases()
+        .iter()
+        .map(|c| {
+            let bytes = std::fs::read(image_path(c.image)).unwrap();
+            let out = reference
+                .generate(
+                    &[bytes],
+                    &[c.prompt.map(str::to_string)],
+                    std::slice::from_ref(&c.params),
+                )
+                .unwrap();
+            out[0]
+                .sequences
+                .iter()
+                .map(|s| s.token_ids.clone())
+                .collect()
+        })
+        .collect();
+    let (handle, thread) = engine::start(
+        load(),
+        EngineConfig {
+            max_batch_size: 4,
+            ..EngineConfig::default()
+        },
+    );
+    let receivers: Vec<_> = cases()
+        .iter()
+        .map(|c| {
+            let (job, rx) = job(&reference, c);
+            handle.try_submit(job).unwrap();
+            rx
+        })
+        .collect();
+    for (i, mut rx) in receivers.into_iter().enumerate() {
+        let mut streamed = Vec::new();
+        let done = loop {
+            match rx.blocking_recv().expect("job answered") {
+                JobEvent::Token { id, .. } => streamed.push(id),
+                JobEvent::Done(seqs) => break seqs,
+                JobEvent::Error(e) => panic!("job {i} failed: {e}"),
+            }
+        };
+        let tokens: Vec<Vec<u32>> = done.iter().map(|s| s.token_ids.clone()).collect();
+        assert_eq!(tokens, expected[i], "job {i}");
+        if cases()[i].params.num_beams == 1 {
+            assert_eq!(streamed, tokens[0], "job {i}: streamed tokens");
+        }
+    }
+    drop(handle);
+    thread.join().unwrap();
+}
+
+#[test]
+fn a_job_whose_caller_hangs_up_is_cancelled_and_others_finish() {
+    let reference = load();
+    let (handle, thread) = engine::start(load(), EngineConfig::default());
+    let all = cases();
+    let (long, long_rx) = job(&reference, &all[4]);
+    let long_cancel = long.cancel.clone();
+    let (short, mut short_rx) = job(&reference, &all[0]);
+    handle.try_submit(long).unwrap();
+    handle.try_submit(short).unwrap();
+    drop(long_rx);
+    let done = loop {
+        match short_rx.blocking_recv().expect("job answered") {
+            JobEvent::Done(seqs) => break seqs,
+            JobEvent::Error(e) => panic!("{e}"),
+            JobEvent::Token { .. } => {}
+        }
+    };
+    assert_eq!(done[0].token_ids.len(), 12);
+    drop(handle);
+    thread.join().unwrap();
+    // The worker saw the closed receiver and cancelled the job.
+    assert!(long_cancel.load(std::sync::atomic::Ordering::Relaxed));
+}
