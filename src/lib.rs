@@ -5,11 +5,13 @@
 //! feed `model` (the three towers), which `generation` drives token by token; `pipeline` ties
 //! them to one loaded checkpoint; `engine` runs it on a model thread with continuous batching.
 
+pub mod api;
 pub mod engine;
 pub mod generation;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;
+pub mod server;
 
 pub use pipeline::{Blip2Pipeline, Generation, LoadOptions, PipelineError};

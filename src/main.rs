@@ -106,6 +106,42 @@ impl GenerationArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over HTTP: POST /v1/caption, /v1/vqa (JSON, optional SSE streaming),
+    /// GET /health, /ready, /info, /metrics. SIGTERM/SIGINT drain in-flight requests, then exit.
+    Serve {
+        /// A checkpoint directory or a Hugging Face Hub id (see `generate --help`).
+        #[arg(long, env = "BLIP2_MODEL")]
+        model: String,
+        /// Hub revision when --model is a Hub id.
+        #[arg(long, default_value = "main", env = "BLIP2_REVISION")]
+        revision: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0", env = "BLIP2_HOST")]
+        host: String,
+        #[arg(long, default_value_t = 8080, env = "BLIP2_PORT")]
+        port: u16,
+        /// Weight dtype.
+        #[arg(long, value_enum, default_value = "f32", env = "BLIP2_DTYPE")]
+        dtype: DTypeArg,
+        /// Most requests decoding together.
+        #[arg(long, default_value_t = 8, env = "BLIP2_MAX_BATCH_SIZE")]
+        max_batch_size: usize,
+        /// Most requests waiting; more are answered 429.
+        #[arg(long, default_value_t = 64, env = "BLIP2_MAX_QUEUE")]
+        max_queue: usize,
+        /// How long an idle worker waits to gather a batch, in milliseconds.
+        #[arg(long, default_value_t = 5, env = "BLIP2_MAX_WAIT_MS")]
+        max_wait_ms: u64,
+        /// Largest request body, in bytes.
+        #[arg(long, default_value_t = 32 * 1024 * 1024, env = "BLIP2_MAX_BODY_BYTES")]
+        max_body_bytes: usize,
+        /// Largest accepted image file, in bytes.
+        #[arg(long, default_value_t = ImageLimits::default().max_bytes, env = "BLIP2_MAX_IMAGE_BYTES")]
+        max_image_bytes: usize,
+        /// Largest accepted image, in pixels, checked before decoding.
+        #[arg(long, default_value_t = ImageLimits::default().max_pixels, env = "BLIP2_MAX_IMAGE_PIXELS")]
+        max_image_pixels: u64,
+    },
     /// Caption images or answer a prompt about them (greedy decoding), as one batch.
     Generate {
         /// A checkpoint directory, or a Hugging Face Hub id such as Salesforce/blip2-opt-2.7b
@@ -158,8 +194,64 @@ fn main() -> ExitCode {
     }
 }
 
+fn dtype_of(arg: DTypeArg) -> DType {
+    match arg {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve {
+            model,
+            revision,
+            host,
+            port,
+            dtype,
+            max_batch_size,
+            max_queue,
+            max_wait_ms,
+            max_body_bytes,
+            max_image_bytes,
+            max_image_pixels,
+        } => {
+            if max_batch_size == 0 || max_queue == 0 {
+                bail!("--max-batch-size and --max-queue must be >= 1");
+            }
+            let options = LoadOptions {
+                dtype: dtype_of(dtype),
+                device: Device::Cpu,
+                limits: ImageLimits {
+                    max_bytes: max_image_bytes,
+                    max_pixels: max_image_pixels,
+                },
+            };
+            let source = ModelSource::parse(&model, Some(&revision))?;
+            let pipeline = Blip2Pipeline::load(&source, &options)
+                .with_context(|| format!("loading model {}", source.describe()))?;
+            let serve = blip2_server::server::ServeOptions {
+                engine: blip2_server::engine::EngineConfig {
+                    max_batch_size,
+                    max_queue,
+                    max_wait: std::time::Duration::from_millis(max_wait_ms),
+                },
+                max_body_bytes,
+                decode_concurrency: 2,
+                model_id: source.describe(),
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("binding {host}:{port}"))?;
+                tracing::warn!(address = %listener.local_addr()?, "serving");
+                let shutdown = shutdown_signal()?;
+                blip2_server::server::run(pipeline, serve, listener, shutdown).await?;
+                Ok(())
+            })
+        }
         Command::Generate {
             model,
             revision,
@@ -185,11 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let options = LoadOptions {
-                dtype: match dtype {
-                    DTypeArg::F32 => DType::F32,
-                    DTypeArg::F16 => DType::F16,
-                    DTypeArg::Bf16 => DType::BF16,
-                },
+                dtype: dtype_of(dtype),
                 device: Device::Cpu,
                 limits: ImageLimits {
                     max_bytes: max_image_bytes,
@@ -243,4 +331,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when the
+/// future is first polled), so a signal that arrives early still drains instead of killing.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

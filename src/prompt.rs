@@ -40,6 +40,7 @@ pub struct Prompt {
     pub text_ids: Vec<u32>,
 }
 
+#[derive(Clone)]
 pub struct PromptBuilder {
     tokenizer: Tokenizer,
     image_token_index: Option<u32>,

@@ -402,3 +402,58 @@ fn invalid_generation_flags_are_one_line_errors() {
         "temperature",
     );
 }
+
+/// `serve` answers, and SIGTERM makes it drain and exit 0.
+#[test]
+fn serve_drains_and_exits_zero_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let model = model_dir("opt-tiny");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-server"))
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before serving"
+        );
+        if let Some(rest) = line.split("address=").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_matches(|c: char| !c.is_ascii_graphic())
+                .to_string();
+        }
+    };
+    let addr: String = addr
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
