@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
-use blip2_server::generation::GenerationParams;
+use blip2_server::generation::GenerationOverrides;
 use blip2_server::model::ModelSource;
 use blip2_server::preprocess::ImageLimits;
 use blip2_server::{Blip2Pipeline, LoadOptions, PipelineError};
@@ -29,79 +29,6 @@ enum DTypeArg {
     F32,
     F16,
     Bf16,
-}
-
-/// Decoding settings; each one left out takes the checkpoint's text-config value, else
-/// transformers' default (greedy, 20 new tokens, top_k 50 when sampling).
-#[derive(Args)]
-struct GenerationArgs {
-    /// Maximum number of new tokens [default: 20].
-    #[arg(long)]
-    max_new_tokens: Option<usize>,
-    /// EOS is suppressed until this many new tokens exist [default: 0].
-    #[arg(long)]
-    min_new_tokens: Option<usize>,
-    /// Beam search with this many beams [default: 1 = greedy or sampling].
-    #[arg(long)]
-    num_beams: Option<usize>,
-    /// Sample instead of taking the most likely token.
-    #[arg(long)]
-    do_sample: bool,
-    /// Sampling temperature [default: 1.0].
-    #[arg(long)]
-    temperature: Option<f32>,
-    /// Sampling: keep the k most likely tokens (0 disables) [default: 50].
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sampling: keep the smallest set of tokens whose probability reaches p [default: 1.0].
-    #[arg(long)]
-    top_p: Option<f32>,
-    /// Penalise tokens already present (prompt included, as transformers does) [default: 1.0].
-    #[arg(long)]
-    repetition_penalty: Option<f32>,
-    /// Beam search: scores are divided by length ** this [default: 1.0].
-    #[arg(long, allow_hyphen_values = true)]
-    length_penalty: Option<f64>,
-    /// Sequences returned per image (<= num_beams for beam search; needs --do-sample otherwise).
-    #[arg(long)]
-    num_return_sequences: Option<usize>,
-    /// Forbid repeating any n-gram of this size [default: 0 = off].
-    #[arg(long)]
-    no_repeat_ngram_size: Option<usize>,
-    /// Seed of the sampler, for reproducible sampling.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Stop when the text contains this string (cut from the output); repeatable.
-    #[arg(long = "stop")]
-    stop: Vec<String>,
-}
-
-impl GenerationArgs {
-    fn apply(self, mut p: GenerationParams) -> GenerationParams {
-        macro_rules! set {
-            ($($field:ident),*) => { $(if let Some(v) = self.$field { p.$field = v; })* };
-        }
-        set!(
-            max_new_tokens,
-            min_new_tokens,
-            num_beams,
-            temperature,
-            top_p,
-            repetition_penalty,
-            length_penalty,
-            num_return_sequences,
-            no_repeat_ngram_size
-        );
-        if let Some(k) = self.top_k {
-            p.top_k = Some(k);
-        }
-        p.do_sample |= self.do_sample;
-        p.seed = self.seed.or(p.seed);
-        if !self.stop.is_empty() {
-            p.stop = self.stop;
-        }
-        p
-    }
 }
 
 #[derive(Subcommand)]
@@ -160,7 +87,7 @@ enum Command {
         #[arg(long = "prompt")]
         prompts: Vec<String>,
         #[command(flatten)]
-        generation: GenerationArgs,
+        generation: GenerationOverrides,
         /// Print one JSON object per image per line: token_ids, text, finish_reason, ...
         #[arg(long)]
         json: bool,
@@ -202,6 +129,28 @@ fn dtype_of(arg: DTypeArg) -> DType {
     }
 }
 
+/// Resolves `--model` and loads it on the CPU with the given dtype and image limits.
+fn load(
+    model: &str,
+    revision: &str,
+    dtype: DTypeArg,
+    max_bytes: usize,
+    max_pixels: u64,
+) -> anyhow::Result<(ModelSource, Blip2Pipeline)> {
+    let options = LoadOptions {
+        dtype: dtype_of(dtype),
+        device: Device::Cpu,
+        limits: ImageLimits {
+            max_bytes,
+            max_pixels,
+        },
+    };
+    let source = ModelSource::parse(model, Some(revision))?;
+    let pipeline = Blip2Pipeline::load(&source, &options)
+        .with_context(|| format!("loading model {}", source.describe()))?;
+    Ok((source, pipeline))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
@@ -220,17 +169,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if max_batch_size == 0 || max_queue == 0 {
                 bail!("--max-batch-size and --max-queue must be >= 1");
             }
-            let options = LoadOptions {
-                dtype: dtype_of(dtype),
-                device: Device::Cpu,
-                limits: ImageLimits {
-                    max_bytes: max_image_bytes,
-                    max_pixels: max_image_pixels,
-                },
-            };
-            let source = ModelSource::parse(&model, Some(&revision))?;
-            let pipeline = Blip2Pipeline::load(&source, &options)
-                .with_context(|| format!("loading model {}", source.describe()))?;
+            let (source, pipeline) =
+                load(&model, &revision, dtype, max_image_bytes, max_image_pixels)?;
             let serve = blip2_server::server::ServeOptions {
                 engine: blip2_server::engine::EngineConfig {
                     max_batch_size,
@@ -276,18 +216,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let options = LoadOptions {
-                dtype: dtype_of(dtype),
-                device: Device::Cpu,
-                limits: ImageLimits {
-                    max_bytes: max_image_bytes,
-                    max_pixels: max_image_pixels,
-                },
-            };
-            let source = ModelSource::parse(&model, Some(&revision))?;
             let started = std::time::Instant::now();
-            let pipeline = Blip2Pipeline::load(&source, &options)
-                .with_context(|| format!("loading model {}", source.describe()))?;
+            let (source, pipeline) =
+                load(&model, &revision, dtype, max_image_bytes, max_image_pixels)?;
             tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
             let params = generation.apply(pipeline.default_params());
             params.validate()?;

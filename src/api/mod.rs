@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::engine::{EngineHandle, Job, JobEvent, SubmitError};
-use crate::generation::{GeneratedSequence, GenerationParams};
+use crate::generation::{GeneratedSequence, GenerationOverrides, GenerationParams};
 use crate::preprocess::{ImageProcessor, PreprocessError};
 use crate::prompt::PromptBuilder;
 
@@ -77,60 +77,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Decoding settings a request may give; absent ones take the server's defaults.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Parameters {
-    max_new_tokens: Option<usize>,
-    min_new_tokens: Option<usize>,
-    do_sample: Option<bool>,
-    temperature: Option<f32>,
-    top_k: Option<usize>,
-    top_p: Option<f32>,
-    repetition_penalty: Option<f32>,
-    length_penalty: Option<f64>,
-    num_beams: Option<usize>,
-    num_return_sequences: Option<usize>,
-    no_repeat_ngram_size: Option<usize>,
-    stop: Option<Vec<String>>,
-    seed: Option<u64>,
-}
-
-impl Parameters {
-    fn apply(self, mut p: GenerationParams) -> GenerationParams {
-        macro_rules! set {
-            ($($f:ident),*) => { $(if let Some(v) = self.$f { p.$f = v; })* };
-        }
-        set!(
-            max_new_tokens,
-            min_new_tokens,
-            do_sample,
-            temperature,
-            top_p,
-            repetition_penalty,
-            length_penalty,
-            num_beams,
-            num_return_sequences,
-            no_repeat_ngram_size,
-            stop
-        );
-        if self.top_k.is_some() {
-            p.top_k = self.top_k;
-        }
-        if self.seed.is_some() {
-            p.seed = self.seed;
-        }
-        p
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptionRequest {
     image: String,
     prompt: Option<String>,
     #[serde(default)]
-    parameters: Parameters,
+    parameters: GenerationOverrides,
     #[serde(default)]
     stream: bool,
 }
@@ -141,7 +94,7 @@ pub struct VqaRequest {
     image: String,
     question: String,
     #[serde(default)]
-    parameters: Parameters,
+    parameters: GenerationOverrides,
     #[serde(default)]
     stream: bool,
 }
@@ -274,7 +227,7 @@ async fn run(
     endpoint: &'static str,
     image: String,
     prompt: Option<String>,
-    parameters: Parameters,
+    parameters: GenerationOverrides,
     stream: bool,
     text_field: &'static str,
 ) -> Response {
@@ -298,7 +251,7 @@ async fn submit(
     s: &Arc<AppState>,
     image: String,
     prompt: Option<String>,
-    parameters: Parameters,
+    parameters: GenerationOverrides,
 ) -> Result<Submitted, ApiError> {
     if !s.ready.load(Ordering::Relaxed) {
         return Err(ApiError::new(
