@@ -108,10 +108,17 @@ fn run(pipeline: &Blip2Pipeline, specs: &[Spec]) -> Vec<Vec<Vec<u32>>> {
 fn check(model: &str, cases: u32) {
     let files = ModelFiles::from_dir(&model_dir(model)).unwrap();
     let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    });
+    // A fixed RNG: CI checks the same mixes every run (a kernel switch between batched and
+    // alone prefill could in principle flip a near-tie; a fixed set keeps a failure reproducible).
+    let mut runner = proptest::test_runner::TestRunner::new_with_rng(
+        ProptestConfig {
+            cases,
+            ..ProptestConfig::default()
+        },
+        proptest::test_runner::TestRng::deterministic_rng(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+        ),
+    );
     runner
         .run(&specs(), |specs| {
             let together = run(&pipeline, &specs);
