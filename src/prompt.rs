@@ -18,8 +18,6 @@ use crate::model::config::Blip2Config;
 pub enum PromptError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    #[error("prompt is {tokens} tokens, over the limit of {limit}")]
-    TooLong { tokens: usize, limit: usize },
     #[error(
         "the prompt may not contain the image token (id {0}); the image is added by the server"
     )]

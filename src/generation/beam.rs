@@ -75,9 +75,7 @@ impl BeamSearch {
         let mut candidates: Vec<(f32, usize)> = Vec::with_capacity(self.running.len() * vocab);
         for (bi, beam) in self.running.iter().enumerate() {
             let mut lp = log_softmax(&rows[beam.row]);
-            let mut context = context_prefix.to_vec();
-            context.extend_from_slice(&beam.tokens);
-            process(&mut lp, &context, gen_len, params, eos);
+            process(&mut lp, context_prefix, &beam.tokens, params, eos);
             candidates.extend(
                 lp.iter()
                     .enumerate()

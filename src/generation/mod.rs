@@ -161,15 +161,6 @@ impl GenerationParams {
         }
         Ok(())
     }
-
-    /// Model rows this request occupies while decoding.
-    pub fn rows(&self) -> usize {
-        if self.num_beams > 1 {
-            self.num_beams
-        } else {
-            self.num_return_sequences
-        }
-    }
 }
 
 /// Decoding settings a caller may give, for the CLI (flags) and the HTTP API (`parameters`);
@@ -713,9 +704,7 @@ fn advance(
             let mut next = Vec::new();
             for c in candidates.iter_mut().filter(|c| c.finish.is_none()) {
                 let mut scores = rows[c.row].clone();
-                let mut context = req.context.clone();
-                context.extend_from_slice(&c.tokens);
-                processors::process(&mut scores, &context, c.tokens.len(), params, eos);
+                processors::process(&mut scores, &req.context, &c.tokens, params, eos);
                 let token = match rng {
                     Some(rng) => {
                         processors::warp(&mut scores, params);

@@ -48,17 +48,22 @@ pub fn min_new_tokens(scores: &mut [f32], generated: usize, min_new: usize, eos:
     }
 }
 
-/// The processors every decoding mode runs.
+/// The processors every decoding mode runs. The context the penalties see is `prefix` (the
+/// prompt part) then `generated`; it is only assembled when a penalty is on, so the usual
+/// decode step copies nothing.
 pub fn process(
     scores: &mut [f32],
-    context: &[u32],
-    generated: usize,
+    prefix: &[u32],
+    generated: &[u32],
     p: &GenerationParams,
     eos: &[u32],
 ) {
-    repetition_penalty(scores, context, p.repetition_penalty);
-    no_repeat_ngram(scores, context, p.no_repeat_ngram_size);
-    min_new_tokens(scores, generated, p.min_new_tokens, eos);
+    if p.repetition_penalty != 1.0 || p.no_repeat_ngram_size > 0 {
+        let context: Vec<u32> = prefix.iter().chain(generated).copied().collect();
+        repetition_penalty(scores, &context, p.repetition_penalty);
+        no_repeat_ngram(scores, &context, p.no_repeat_ngram_size);
+    }
+    min_new_tokens(scores, generated.len(), p.min_new_tokens, eos);
 }
 
 /// Temperature, top-k and top-p warpers (`min_tokens_to_keep` = 1), as transformers applies

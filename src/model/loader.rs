@@ -303,16 +303,8 @@ impl SafetensorsWeights {
         Ok(SafetensorsWeights { files, entries })
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().map(String::as_str)
-    }
-
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
-    }
-
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
     fn read(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
