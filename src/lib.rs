@@ -6,8 +6,10 @@
 //! them to one loaded checkpoint; `engine` runs it on a model thread with continuous batching.
 
 pub mod api;
+pub mod config;
 pub mod engine;
 pub mod generation;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;

@@ -6,11 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
+use blip2_server::config::{DTypeName, LogFormat, ServeArgs, ServerConfig};
 use blip2_server::generation::GenerationOverrides;
 use blip2_server::model::ModelSource;
 use blip2_server::preprocess::ImageLimits;
+use blip2_server::server::ServeOptions;
 use blip2_server::{Blip2Pipeline, LoadOptions, PipelineError};
 
 #[derive(Parser)]
@@ -24,51 +26,16 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DTypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the model over HTTP: POST /v1/caption, /v1/vqa (JSON, optional SSE streaming),
-    /// GET /health, /ready, /info, /metrics. SIGTERM/SIGINT drain in-flight requests, then exit.
-    Serve {
-        /// A checkpoint directory or a Hugging Face Hub id (see `generate --help`).
-        #[arg(long, env = "BLIP2_MODEL")]
-        model: String,
-        /// Hub revision when --model is a Hub id.
-        #[arg(long, default_value = "main", env = "BLIP2_REVISION")]
-        revision: String,
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0", env = "BLIP2_HOST")]
-        host: String,
-        #[arg(long, default_value_t = 8080, env = "BLIP2_PORT")]
-        port: u16,
-        /// Weight dtype.
-        #[arg(long, value_enum, default_value = "f32", env = "BLIP2_DTYPE")]
-        dtype: DTypeArg,
-        /// Most requests decoding together.
-        #[arg(long, default_value_t = 8, env = "BLIP2_MAX_BATCH_SIZE")]
-        max_batch_size: usize,
-        /// Most requests waiting; more are answered 429.
-        #[arg(long, default_value_t = 64, env = "BLIP2_MAX_QUEUE")]
-        max_queue: usize,
-        /// How long an idle worker waits to gather a batch, in milliseconds.
-        #[arg(long, default_value_t = 5, env = "BLIP2_MAX_WAIT_MS")]
-        max_wait_ms: u64,
-        /// Largest request body, in bytes.
-        #[arg(long, default_value_t = 32 * 1024 * 1024, env = "BLIP2_MAX_BODY_BYTES")]
-        max_body_bytes: usize,
-        /// Largest accepted image file, in bytes.
-        #[arg(long, default_value_t = ImageLimits::default().max_bytes, env = "BLIP2_MAX_IMAGE_BYTES")]
-        max_image_bytes: usize,
-        /// Largest accepted image, in pixels, checked before decoding.
-        #[arg(long, default_value_t = ImageLimits::default().max_pixels, env = "BLIP2_MAX_IMAGE_PIXELS")]
-        max_image_pixels: u64,
-    },
+    /// Serve the model over HTTP: POST /v1/caption, /v1/vqa (JSON or multipart, optional SSE
+    /// streaming), GET /health, /ready, /info, /metrics, /openapi.json, /docs.
+    ///
+    /// Settings come in layers: config/default.toml (compiled in) < --config FILE < BLIP2_<KEY>
+    /// environment variables < flags. Every flag is a key of config/default.toml (dashes become
+    /// underscores) and the file documents each one. SIGTERM/SIGINT stop accepting, turn /ready
+    /// to 503, give in-flight requests shutdown_grace_s to finish, then exit 0.
+    Serve(ServeArgs),
     /// Caption images or answer a prompt about them (greedy decoding), as one batch.
     Generate {
         /// A checkpoint directory, or a Hugging Face Hub id such as Salesforce/blip2-opt-2.7b
@@ -93,7 +60,7 @@ enum Command {
         json: bool,
         /// Weight dtype (f32 is the exact reference; f16 is refused for Flan-T5).
         #[arg(long, value_enum, default_value = "f32")]
-        dtype: DTypeArg,
+        dtype: DTypeName,
         /// Largest accepted image file, in bytes.
         #[arg(long, default_value_t = ImageLimits::default().max_bytes)]
         max_image_bytes: usize,
@@ -103,14 +70,19 @@ enum Command {
     },
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -121,24 +93,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn dtype_of(arg: DTypeArg) -> DType {
-    match arg {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    }
-}
-
 /// Resolves `--model` and loads it on the CPU with the given dtype and image limits.
 fn load(
     model: &str,
     revision: &str,
-    dtype: DTypeArg,
+    dtype: DType,
     max_bytes: usize,
     max_pixels: u64,
 ) -> anyhow::Result<(ModelSource, Blip2Pipeline)> {
     let options = LoadOptions {
-        dtype: dtype_of(dtype),
+        dtype,
         device: Device::Cpu,
         limits: ImageLimits {
             max_bytes,
@@ -153,42 +117,28 @@ fn load(
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            model,
-            revision,
-            host,
-            port,
-            dtype,
-            max_batch_size,
-            max_queue,
-            max_wait_ms,
-            max_body_bytes,
-            max_image_bytes,
-            max_image_pixels,
-        } => {
-            if max_batch_size == 0 || max_queue == 0 {
-                bail!("--max-batch-size and --max-queue must be >= 1");
-            }
-            let (source, pipeline) =
-                load(&model, &revision, dtype, max_image_bytes, max_image_pixels)?;
-            let serve = blip2_server::server::ServeOptions {
-                engine: blip2_server::engine::EngineConfig {
-                    max_batch_size,
-                    max_queue,
-                    max_wait: std::time::Duration::from_millis(max_wait_ms),
-                },
-                max_body_bytes,
-                decode_concurrency: 2,
-                model_id: source.describe(),
-            };
+        Command::Serve(args) => {
+            let config = ServerConfig::load(&args)?;
+            init_logging(config.log_format);
+            let (source, pipeline) = load(
+                &config.model,
+                &config.revision,
+                config.dtype.dtype(),
+                config.max_image_bytes,
+                config.max_image_pixels,
+            )?;
+            let mut serve = ServeOptions::from_config(&config);
+            serve.model_id = source.describe();
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                let (host, port) = (config.host.as_str(), config.port);
+                let listener = tokio::net::TcpListener::bind((host, port))
                     .await
                     .with_context(|| format!("binding {host}:{port}"))?;
-                tracing::warn!(address = %listener.local_addr()?, "serving");
+                tracing::warn!(address = %listener.local_addr()?, model = %serve.model_id, "serving");
                 let shutdown = shutdown_signal()?;
                 blip2_server::server::run(pipeline, serve, listener, shutdown).await?;
+                tracing::warn!("stopped");
                 Ok(())
             })
         }
@@ -203,6 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_image_bytes,
             max_image_pixels,
         } => {
+            init_logging(LogFormat::Text);
             let prompts: Vec<Option<String>> = match prompts.len() {
                 0 => vec![None; images.len()],
                 1 => vec![Some(prompts[0].clone()); images.len()],
@@ -217,8 +168,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let started = std::time::Instant::now();
-            let (source, pipeline) =
-                load(&model, &revision, dtype, max_image_bytes, max_image_pixels)?;
+            let (source, pipeline) = load(
+                &model,
+                &revision,
+                dtype.dtype(),
+                max_image_bytes,
+                max_image_pixels,
+            )?;
             tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
             let params = generation.apply(pipeline.default_params());
             params.validate()?;

@@ -1,37 +1,78 @@
 //! `run(pipeline, options, listener, shutdown)`: the HTTP server around one loaded model. Tests
 //! start it on 127.0.0.1:0 and stop it through `shutdown`; `main` passes SIGTERM/SIGINT.
+//!
+//! On shutdown the listener stops accepting, `/ready` answers 503, and in-flight requests get
+//! `shutdown_grace` to finish; then `run` returns (the process exits 0).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::api::{app, AppState};
+use crate::api::{app, openapi_json, AppState, Limits};
+use crate::config::ServerConfig;
 use crate::engine::{self, EngineConfig};
+use crate::metrics::Metrics;
 use crate::model::TextConfig;
 use crate::pipeline::Blip2Pipeline;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub engine: EngineConfig,
-    /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Option<Duration>,
+    pub max_images_per_request: usize,
+    pub max_prompt_tokens: usize,
+    pub max_new_tokens: usize,
     /// Images decoded at once (a bounded pool off the async runtime).
-    pub decode_concurrency: usize,
+    pub preprocess_workers: usize,
+    pub vqa_template_opt: String,
+    pub vqa_template_t5: String,
+    pub api_key: Option<String>,
+    pub cors_allow_origins: Vec<String>,
+    pub shutdown_grace: Duration,
     /// Reported by `/info`.
     pub model_id: String,
+    pub revision: String,
+}
+
+impl ServeOptions {
+    pub fn from_config(c: &ServerConfig) -> Self {
+        Self {
+            engine: EngineConfig {
+                max_batch_size: c.max_batch_size,
+                max_batch_tokens: c.max_batch_tokens,
+                max_queue: c.max_queue,
+                max_wait: Duration::from_millis(c.max_wait_ms),
+                image_cache_size: c.image_cache_size,
+            },
+            max_body_bytes: c.max_body_bytes,
+            max_concurrent_requests: c.max_concurrent_requests,
+            request_timeout: (c.request_timeout_s > 0)
+                .then(|| Duration::from_secs(c.request_timeout_s)),
+            max_images_per_request: c.max_images_per_request,
+            max_prompt_tokens: c.max_prompt_tokens,
+            max_new_tokens: c.max_new_tokens,
+            preprocess_workers: c.preprocess_workers,
+            vqa_template_opt: c.vqa_template_opt.clone(),
+            vqa_template_t5: c.vqa_template_t5.clone(),
+            api_key: (!c.api_key.is_empty()).then(|| c.api_key.clone()),
+            cors_allow_origins: c.cors_allow_origins.clone(),
+            shutdown_grace: Duration::from_secs(c.shutdown_grace_s),
+            model_id: c.model.clone(),
+            revision: c.revision.clone(),
+        }
+    }
 }
 
 impl Default for ServeOptions {
+    /// What config/default.toml says.
     fn default() -> Self {
-        Self {
-            engine: EngineConfig::default(),
-            max_body_bytes: 32 * 1024 * 1024,
-            decode_concurrency: 2,
-            model_id: String::new(),
-        }
+        Self::from_config(&ServerConfig::defaults())
     }
 }
 
@@ -41,6 +82,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    OpenApi(String),
 }
 
 pub async fn run(
@@ -53,60 +96,86 @@ pub async fn run(
     let prompts = pipeline.prompts.clone();
     let defaults = pipeline.default_params();
     let vqa_template = match pipeline.model.config.text {
-        TextConfig::Opt(_) => "Question: {} Answer:",
-        TextConfig::T5(_) => "Question: {} Short answer:",
-    }
-    .to_string();
+        TextConfig::Opt(_) => options.vqa_template_opt.clone(),
+        TextConfig::T5(_) => options.vqa_template_t5.clone(),
+    };
+    let limits = Limits {
+        max_body_bytes: options.max_body_bytes,
+        max_images_per_request: options.max_images_per_request,
+        max_prompt_tokens: options.max_prompt_tokens,
+        max_new_tokens: options.max_new_tokens,
+        max_batch_tokens: options.engine.max_batch_tokens,
+        num_query_tokens: pipeline.model.config.num_query_tokens,
+        max_positions: match &pipeline.model.config.text {
+            TextConfig::Opt(c) => Some(c.max_position_embeddings),
+            TextConfig::T5(_) => None,
+        },
+        request_timeout: options.request_timeout,
+    };
     let info = serde_json::json!({
         "model_id": options.model_id,
+        "revision": options.revision,
         "model_type": pipeline.model.config.text.model_type(),
         "dtype": format!("{:?}", pipeline.model.dtype()).to_lowercase(),
         "device": "cpu",
         "max_batch_size": options.engine.max_batch_size,
+        "max_batch_tokens": options.engine.max_batch_tokens,
         "max_queue": options.engine.max_queue,
+        "max_concurrent_requests": options.max_concurrent_requests,
         "max_body_bytes": options.max_body_bytes,
+        "max_images_per_request": options.max_images_per_request,
+        "max_prompt_tokens": options.max_prompt_tokens,
+        "max_new_tokens": options.max_new_tokens,
+        "request_timeout_s": options.request_timeout.map(|t| t.as_secs()),
+        "vqa_template": vqa_template,
         "version": env!("CARGO_PKG_VERSION"),
     });
-    let (engine, worker) = engine::start(pipeline, options.engine.clone());
-    let metrics = prometheus::Registry::new();
-    let requests = prometheus::IntCounterVec::new(
-        prometheus::Opts::new("blip2_requests_total", "Requests by endpoint and status"),
-        &["endpoint", "status"],
-    )?;
-    let latency = prometheus::HistogramVec::new(
-        prometheus::HistogramOpts::new(
-            "blip2_request_duration_seconds",
-            "Request duration by endpoint",
-        ),
-        &["endpoint"],
-    )?;
-    metrics.register(Box::new(requests.clone()))?;
-    metrics.register(Box::new(latency.clone()))?;
+    let metrics = Arc::new(Metrics::new()?);
+    let (engine, worker) = engine::start(pipeline, options.engine.clone(), metrics.clone());
     let state = Arc::new(AppState {
         engine,
         images,
         prompts,
         defaults,
         vqa_template,
-        decode_permits: Semaphore::new(options.decode_concurrency.max(1)),
+        decode_permits: Semaphore::new(options.preprocess_workers.max(1)),
+        in_flight: Arc::new(Semaphore::new(options.max_concurrent_requests.max(1))),
         info,
         ready: AtomicBool::new(true),
         metrics,
-        requests,
-        latency,
-        body_limit: options.max_body_bytes,
+        limits,
+        api_key: options.api_key.clone(),
+        cors_allow_origins: options.cors_allow_origins.clone(),
+        openapi_json: openapi_json().map_err(ServeError::OpenApi)?,
     });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let draining = state.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        // /ready turns 503 while in-flight requests finish.
+        draining.ready.store(false, Ordering::Relaxed);
+        tracing::warn!("shutting down: draining in-flight requests");
+        let _ = stop_tx.send(true);
+    });
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
     let router = app(state.clone());
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // /ready turns 503 while in-flight requests finish.
-            draining.ready.store(false, Ordering::Relaxed);
-        })
-        .await?;
+    let serve = axum::serve(listener, router).with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let grace = options.shutdown_grace;
+    let drained = tokio::select! {
+        served = serve => { served?; true }
+        _ = async { wait_stop(stop_rx.clone()).await; tokio::time::sleep(grace).await } => false,
+    };
+    if !drained {
+        tracing::warn!(
+            seconds = grace.as_secs(),
+            "grace period over: exiting with requests still in flight"
+        );
+        return Ok(());
+    }
     drop(state);
     // The worker ends once every handle is gone and its running requests are done.
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let _ = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || worker.join())).await;
     Ok(())
 }

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use blip2_server::engine::{self, EngineConfig, Job, JobEvent};
 use blip2_server::generation::GenerationParams;
+use blip2_server::metrics::Metrics;
 use blip2_server::model::ModelFiles;
 use blip2_server::{Blip2Pipeline, LoadOptions};
 use common::*;
@@ -72,15 +72,11 @@ fn cases() -> Vec<Case> {
 
 fn job(p: &Blip2Pipeline, c: &Case) -> (Job, mpsc::UnboundedReceiver<JobEvent>) {
     let bytes = std::fs::read(image_path(c.image)).unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let job = Job {
-        pixel_values: p.images.pixel_values(&bytes).unwrap(),
-        prompt: p.prompts.build(c.prompt).unwrap(),
-        params: c.params.clone(),
-        events: tx,
-        cancel: Arc::new(AtomicBool::new(false)),
-    };
-    (job, rx)
+    Job::new(
+        p.images.pixel_values(&bytes).unwrap(),
+        p.prompts.build(c.prompt).unwrap(),
+        c.params.clone(),
+    )
 }
 
 #[test]
@@ -110,6 +106,7 @@ fn batched_jobs_get_what_they_get_alone_and_stream_their_tokens() {
             max_batch_size: 4,
             ..EngineConfig::default()
         },
+        Arc::new(Metrics::new().unwrap()),
     );
     let receivers: Vec<_> = cases()
         .iter()
@@ -141,7 +138,11 @@ fn batched_jobs_get_what_they_get_alone_and_stream_their_tokens() {
 #[test]
 fn a_job_whose_caller_hangs_up_is_cancelled_and_others_finish() {
     let reference = load();
-    let (handle, thread) = engine::start(load(), EngineConfig::default());
+    let (handle, thread) = engine::start(
+        load(),
+        EngineConfig::default(),
+        Arc::new(Metrics::new().unwrap()),
+    );
     let all = cases();
     let (long, long_rx) = job(&reference, &all[4]);
     let long_cancel = long.cancel.clone();
@@ -161,4 +162,95 @@ fn a_job_whose_caller_hangs_up_is_cancelled_and_others_finish() {
     thread.join().unwrap();
     // The worker saw the closed receiver and cancelled the job.
     assert!(long_cancel.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+#[test]
+fn the_token_budget_serialises_jobs_and_the_image_cache_runs_vision_once() {
+    let reference = load();
+    let all = cases();
+    // Three jobs on one image with different prompts; the budget fits exactly one at a time.
+    let prompts = [
+        None,
+        Some("a photo of"),
+        Some("Question: what is it? Answer:"),
+    ];
+    let params = all[0].params.clone();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(image_path(all[0].image)).unwrap();
+            reference
+                .generate(
+                    &[bytes],
+                    &[p.map(str::to_string)],
+                    std::slice::from_ref(&params),
+                )
+                .unwrap()[0]
+                .sequences[0]
+                .token_ids
+                .clone()
+        })
+        .collect();
+    let jobs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            job(
+                &reference,
+                &Case {
+                    image: all[0].image,
+                    prompt: *p,
+                    params: params.clone(),
+                },
+            )
+        })
+        .collect();
+    let largest = jobs
+        .iter()
+        .map(|(j, _)| {
+            engine::job_tokens(
+                reference.model.config.num_query_tokens,
+                &j.prompt,
+                &j.params,
+            )
+        })
+        .max()
+        .unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (handle, thread) = engine::start(
+        load(),
+        EngineConfig {
+            max_batch_tokens: largest,
+            image_cache_size: 4,
+            ..EngineConfig::default()
+        },
+        metrics.clone(),
+    );
+    let receivers: Vec<_> = jobs
+        .into_iter()
+        .map(|(j, rx)| {
+            handle.try_submit(j).unwrap();
+            rx
+        })
+        .collect();
+    for (i, mut rx) in receivers.into_iter().enumerate() {
+        let done = loop {
+            match rx.blocking_recv().expect("job answered") {
+                JobEvent::Done(seqs) => break seqs,
+                JobEvent::Error(e) => panic!("{e}"),
+                JobEvent::Token { .. } => {}
+            }
+        };
+        assert_eq!(done[0].token_ids, expected[i], "job {i}");
+    }
+    drop(handle);
+    thread.join().unwrap();
+    // Never more than one request in a step: the budget held.
+    let steps = metrics.batch_size.get_sample_count();
+    assert!(steps > 0);
+    assert_eq!(metrics.batch_size.get_sample_sum(), steps as f64);
+    // The image went through the vision encoder once.
+    assert_eq!(metrics.image_cache.with_label_values(&["miss"]).get(), 1);
+    assert_eq!(metrics.image_cache.with_label_values(&["hit"]).get(), 2);
+    assert_eq!(metrics.queue_depth.get(), 0);
+    assert_eq!(metrics.running_requests.get(), 0);
 }

@@ -1,235 +1,1057 @@
-//! The HTTP server, started for real on 127.0.0.1:0 with the tiny fixture and spoken to over
-//! TCP: caption and VQA give the pipeline's own answers, SSE tokens add up to the final text,
-//! bad input is a 4xx with `{error, error_type}` and the server keeps serving, and shutdown
-//! drains and returns.
+//! The HTTP server, started for real on 127.0.0.1:0 with the tiny fixture and spoken to with a
+//! real HTTP client (reqwest): every endpoint and input form gives the pipeline's own answers,
+//! SSE tokens add up to the final text, concurrent requests are batched and each gets what it
+//! gets alone, a disconnect frees its slot, limits answer 429 / 504, bad input is a 4xx with
+//! `{error, error_type}` and the server keeps serving, and the served spec is openapi.yaml.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use base64::Engine as _;
 use blip2_server::generation::GenerationParams;
 use blip2_server::model::ModelFiles;
-use blip2_server::server::{self, ServeOptions};
+use blip2_server::server::{self, ServeError, ServeOptions};
 use blip2_server::{Blip2Pipeline, LoadOptions};
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serde_json::{json, Value};
 
 fn load() -> Blip2Pipeline {
-    let files = ModelFiles::from_dir(&model_dir("opt-tiny")).unwrap();
+    load_model("opt-tiny")
+}
+
+fn load_model(name: &str) -> Blip2Pipeline {
+    let files = ModelFiles::from_dir(&model_dir(name)).unwrap();
     Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap()
 }
 
-/// One HTTP/1.1 request; returns (status, de-chunked body).
-async fn http(
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn image(name: &str) -> Vec<u8> {
+    std::fs::read(image_path(name)).unwrap()
+}
+
+struct Server {
     addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, body)
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    http: reqwest::Client,
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
+impl Server {
+    async fn start(options: ServeOptions) -> Self {
+        Self::start_model("opt-tiny", options).await
+    }
+
+    async fn start_model(model: &str, options: ServeOptions) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(load_model(model), options, listener, async {
+            let _ = stop_rx.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+            http: reqwest::Client::new(),
         }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
     }
-    out
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(path))
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    async fn json(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.post(path).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    /// A sample of /metrics, e.g. `blip2_batch_size_count` or `blip2_errors_total{error_type="validation"}`
+    /// (0 when absent).
+    async fn metric(&self, sample: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    async fn info(&self) -> Value {
+        self.get("/info").await.json().await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the server drains and returns")
+            .unwrap()
+            .unwrap();
+    }
 }
 
-fn json_body(image: &[u8], extra: serde_json::Value) -> Vec<u8> {
-    let mut body =
-        serde_json::json!({"image": base64::engine::general_purpose::STANDARD.encode(image)});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
+fn greedy(n: usize) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens: n,
+        min_new_tokens: n,
+        ..GenerationParams::default()
     }
-    serde_json::to_vec(&body).unwrap()
+}
+
+/// The pipeline's own answer for one image alone: (token ids of each sequence, first text).
+fn alone(
+    p: &Blip2Pipeline,
+    img: &[u8],
+    prompt: Option<&str>,
+    params: &GenerationParams,
+) -> (Vec<Vec<u32>>, String) {
+    let out = p
+        .generate(
+            &[img.to_vec()],
+            &[prompt.map(str::to_string)],
+            std::slice::from_ref(params),
+        )
+        .unwrap();
+    let seqs = &out[0].sequences;
+    (
+        seqs.iter().map(|s| s.token_ids.clone()).collect(),
+        seqs[0].text.clone(),
+    )
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The `data:` payloads of an SSE body, with their event names.
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .filter_map(|block| {
+            let mut event = "message".to_string();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            (!data.is_empty()).then(|| (event, serde_json::from_str(&data).unwrap()))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_captions_answers_streams_and_errors() {
+async fn every_endpoint_and_input_form_answers_as_the_pipeline() {
     let reference = load();
-    let image = std::fs::read(image_path("rgb_640x480.png")).unwrap();
-    let greedy = GenerationParams {
-        max_new_tokens: 8,
-        min_new_tokens: 8,
-        ..GenerationParams::default()
-    };
-    let expected_caption = reference
-        .generate(
-            std::slice::from_ref(&image),
-            &[Some("a photo of".into())],
-            std::slice::from_ref(&greedy),
-        )
-        .unwrap();
-    let expected_answer = reference
-        .generate(
-            std::slice::from_ref(&image),
-            &[Some("Question: what is it? Answer:".into())],
-            std::slice::from_ref(&greedy),
-        )
-        .unwrap();
+    let photo = image("rgb_640x480.png");
+    let other = image("photo_320x240.jpg");
+    let g8 = greedy(8);
+    let (caption_ids, caption_text) = alone(&reference, &photo, Some("a photo of"), &g8);
+    let (other_ids, _) = alone(&reference, &other, Some("a photo of"), &g8);
+    let (answer_ids, answer_text) = alone(
+        &reference,
+        &photo,
+        Some("Question: what is it? Answer:"),
+        &g8,
+    );
+    let s = Server::start(ServeOptions::default()).await;
+    let params = json!({"max_new_tokens": 8, "min_new_tokens": 8});
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(
-        load(),
-        ServeOptions::default(),
-        listener,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    // Plain endpoints.
+    let health = s.get("/health").await;
+    assert_eq!(health.status(), 200);
+    assert!(health.headers().contains_key("x-request-id"));
+    assert_eq!(health.text().await.unwrap(), "ok");
+    assert_eq!(s.get("/ready").await.status(), 200);
+    let info = s.info().await;
+    assert_eq!(info["model_type"], "opt");
+    assert_eq!(info["dtype"], "f32");
+    assert_eq!(info["vqa_template"], "Question: {} Answer:");
+    assert_eq!(info["ready"], true);
+    let docs = s.get("/docs").await;
+    assert!(docs.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(docs.text().await.unwrap().contains("/openapi.json"));
 
-    let (status, body) = http(addr, "GET", "/health", &[], b"").await;
-    assert_eq!((status, body.as_str()), (200, "ok"));
-    assert_eq!(http(addr, "GET", "/ready", &[], b"").await.0, 200);
-    let (_, info) = http(addr, "GET", "/info", &[], b"").await;
+    // A caller's request id comes back; otherwise one is made.
+    let r = s
+        .http
+        .get(s.url("/health"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+
+    // JSON, base64 and data: URL.
+    let (status, body) = s
+        .json(
+            "/v1/caption",
+            json!({"image": b64(&photo), "prompt": "a photo of", "parameters": params}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids(&body["token_ids"]), caption_ids[0]);
+    assert_eq!(body["text"], caption_text.as_str());
+    assert_eq!(body["finish_reason"], "length");
+    assert_eq!(body["usage"]["generated_tokens"], 8);
+    let url = format!("data:image/png;base64,{}", b64(&photo));
+    let (status, body) = s
+        .json(
+            "/v1/caption",
+            json!({"image": url, "prompt": "a photo of", "parameters": params}),
+        )
+        .await;
     assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&info).unwrap()["model_type"],
-        "opt"
+        (status, ids(&body["token_ids"])),
+        (200, caption_ids[0].clone())
     );
 
-    let params = serde_json::json!({"max_new_tokens": 8, "min_new_tokens": 8});
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/v1/caption",
-        &[("content-type", "application/json")],
-        &json_body(
-            &image,
-            serde_json::json!({"prompt": "a photo of", "parameters": params}),
-        ),
-    )
-    .await;
+    // Several images: one result each, in order.
+    let (status, body) = s
+        .json(
+            "/v1/caption",
+            json!({"images": [b64(&photo), b64(&other)], "prompt": "a photo of", "parameters": params}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["text"], expected_caption[0].sequences[0].text);
-    assert_eq!(v["usage"]["generated_tokens"], 8);
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(ids(&results[0]["token_ids"]), caption_ids[0]);
+    assert_eq!(ids(&results[1]["token_ids"]), other_ids[0]);
 
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/v1/vqa",
-        &[],
-        &json_body(
-            &image,
-            serde_json::json!({"question": "what is it?", "parameters": params}),
-        ),
-    )
-    .await;
+    // Multipart: file fields, parameters as their own fields and as JSON.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(photo.clone()).file_name("a.png"),
+        )
+        .text("prompt", "a photo of")
+        .text("max_new_tokens", "8")
+        .text("parameters", r#"{"min_new_tokens": 8}"#);
+    let r = s.post("/v1/caption").multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(ids(&body["token_ids"]), caption_ids[0]);
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(photo.clone()).file_name("a.png"),
+        )
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(other.clone()).file_name("b.jpg"),
+        )
+        .text("prompt", "a photo of")
+        .text("parameters", params.to_string());
+    let body: Value = s
+        .post("/v1/caption")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&body["results"][1]["token_ids"]), other_ids[0]);
+
+    // VQA: the template around the question, JSON and multipart.
+    let (status, body) = s
+        .json(
+            "/v1/vqa",
+            json!({"image": b64(&photo), "question": "what is it?", "parameters": params}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["answer"], expected_answer[0].sequences[0].text);
+    assert_eq!(ids(&body["token_ids"]), answer_ids[0]);
+    assert_eq!(body["answer"], answer_text.as_str());
+    let form = reqwest::multipart::Form::new()
+        .part("image", reqwest::multipart::Part::bytes(photo.clone()))
+        .text("question", "what is it?")
+        .text("max_new_tokens", "8")
+        .text("min_new_tokens", "8");
+    let body: Value = s
+        .post("/v1/vqa")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&body["token_ids"]), answer_ids[0]);
 
-    // SSE: data lines per token, the last one with the full text.
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/v1/caption",
-        &[],
-        &json_body(
-            &image,
-            serde_json::json!({"prompt": "a photo of", "parameters": params, "stream": true}),
-        ),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let events: Vec<serde_json::Value> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let (last, tokens) = events.split_last().unwrap();
-    assert_eq!(tokens.len(), 8);
-    let streamed: String = tokens
+    // SSE (by flag and by Accept): tokens add up to the final answer; details agree with them.
+    for by_header in [false, true] {
+        let mut request = json!({"image": b64(&photo), "prompt": "a photo of",
+            "parameters": {"max_new_tokens": 8, "min_new_tokens": 8, "details": true}});
+        let mut builder = s.post("/v1/caption");
+        if by_header {
+            builder = builder.header("accept", "text/event-stream");
+        } else {
+            request["stream"] = json!(true);
+        }
+        let r = builder.json(&request).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        assert_eq!(r.headers()["x-accel-buffering"], "no");
+        let events = sse_events(&r.text().await.unwrap());
+        let (last, tokens) = events.split_last().unwrap();
+        assert_eq!(tokens.len(), 8);
+        let streamed_ids: Vec<u32> = tokens
+            .iter()
+            .map(|(_, e)| e["token"]["id"].as_u64().unwrap() as u32)
+            .collect();
+        let streamed_text: String = tokens
+            .iter()
+            .map(|(_, e)| e["token"]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(streamed_ids, caption_ids[0]);
+        assert_eq!(streamed_text, caption_text);
+        assert_eq!(last.1["text"], caption_text.as_str());
+        assert_eq!(ids(&last.1["token_ids"]), caption_ids[0]);
+        let detail: Vec<Value> = last.1["details"]["tokens"].as_array().unwrap().clone();
+        let streamed: Vec<Value> = tokens.iter().map(|(_, e)| e["token"].clone()).collect();
+        assert_eq!(detail, streamed);
+    }
+    // details without streaming: the same tokens.
+    let (_, body) = s
+        .json(
+            "/v1/caption",
+            json!({"image": b64(&photo), "prompt": "a photo of",
+            "parameters": {"max_new_tokens": 8, "min_new_tokens": 8, "details": true}}),
+        )
+        .await;
+    let detail_ids: Vec<u32> = body["details"]["tokens"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|e| e["token"]["text"].as_str().unwrap())
+        .map(|t| t["id"].as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(last["text"], expected_caption[0].sequences[0].text);
-    assert!(expected_caption[0].sequences[0].text.starts_with(&streamed));
+    assert_eq!(detail_ids, caption_ids[0]);
 
-    // Bad input: the right 4xx with {error, error_type}, and the server keeps serving.
-    let cases: Vec<(Vec<u8>, u16)> = vec![
-        (b"{not json".to_vec(), 400),
+    // The served description is openapi.yaml.
+    let served: Value = s.get("/openapi.json").await.json().await.unwrap();
+    let file: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(served, file, "/openapi.json differs from openapi.yaml");
+    // ...and it names exactly the routes the server has.
+    let mut paths: Vec<&str> = file["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/docs",
+            "/health",
+            "/info",
+            "/metrics",
+            "/openapi.json",
+            "/ready",
+            "/v1/caption",
+            "/v1/vqa"
+        ]
+    );
+    for path in paths {
+        let method = file["paths"][path]
+            .as_object()
+            .unwrap()
+            .keys()
+            .next()
+            .unwrap()
+            .clone();
+        let r = if method == "get" {
+            s.get(path).await
+        } else {
+            s.post(path).json(&json!({})).send().await.unwrap()
+        };
+        assert_ne!(r.status(), 404, "{path} is in openapi.yaml but not served");
+    }
+
+    // Request metrics by endpoint and status.
+    assert!(
+        s.metric("blip2_requests_total{endpoint=\"/v1/caption\",status=\"200\"}")
+            .await
+            >= 8.0
+    );
+    assert!(s.metric("blip2_preprocess_duration_seconds_count").await >= 8.0);
+    assert!(s.metric("blip2_time_to_first_token_seconds_count").await >= 8.0);
+    assert!(s.metric("blip2_generated_tokens_sum").await >= 64.0);
+    s.stop().await;
+}
+
+/// One of the 16 concurrent requests.
+struct Mixed {
+    vqa: bool,
+    image: &'static str,
+    text: Option<&'static str>,
+    parameters: Value,
+    params: GenerationParams,
+}
+
+fn mixes() -> Vec<Mixed> {
+    let images = [
+        "rgb_640x480.png",
+        "rgba_100x37.png",
+        "gray_13x200.png",
+        "photo_320x240.jpg",
+    ];
+    (0..16)
+        .map(|i| {
+            let n = 4 + (i % 5) * 3;
+            let (parameters, params) = match i % 4 {
+                0 => (json!({"max_new_tokens": n, "min_new_tokens": n}), greedy(n)),
+                1 => (
+                    json!({"max_new_tokens": n, "num_beams": 3, "num_return_sequences": 2}),
+                    GenerationParams { max_new_tokens: n, num_beams: 3, num_return_sequences: 2, ..Default::default() },
+                ),
+                2 => (
+                    json!({"max_new_tokens": n, "do_sample": true, "seed": i, "top_k": 20, "temperature": 0.8}),
+                    GenerationParams {
+                        max_new_tokens: n,
+                        do_sample: true,
+                        seed: Some(i as u64),
+                        top_k: Some(20),
+                        temperature: 0.8,
+                        ..Default::default()
+                    },
+                ),
+                _ => (
+                    json!({"max_new_tokens": n, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2}),
+                    GenerationParams {
+                        max_new_tokens: n,
+                        repetition_penalty: 1.3,
+                        no_repeat_ngram_size: 2,
+                        ..Default::default()
+                    },
+                ),
+            };
+            Mixed {
+                vqa: i % 3 == 2,
+                image: images[i % 4],
+                text: match i % 3 {
+                    0 => None,
+                    1 => Some("a photo of"),
+                    _ => Some("how many?"),
+                },
+                parameters,
+                params,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_requests_are_batched_and_each_gets_its_own_tokens() {
+    let reference = load();
+    let cases = mixes();
+    let expected: Vec<Vec<Vec<u32>>> = cases
+        .iter()
+        .map(|c| {
+            let prompt = match (c.vqa, c.text) {
+                (true, Some(q)) => Some(format!("Question: {q} Answer:")),
+                (_, t) => t.map(str::to_string),
+            };
+            alone(&reference, &image(c.image), prompt.as_deref(), &c.params).0
+        })
+        .collect();
+    let s = Server::start(ServeOptions {
+        engine: blip2_server::engine::EngineConfig {
+            max_batch_size: 16,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let tasks: Vec<_> = cases
+        .iter()
+        .map(|c| {
+            let (path, body) = if c.vqa {
+                ("/v1/vqa", json!({"image": b64(&image(c.image)), "question": c.text.unwrap(), "parameters": c.parameters}))
+            } else {
+                ("/v1/caption", json!({"image": b64(&image(c.image)), "prompt": c.text, "parameters": c.parameters}))
+            };
+            let request = s.post(path).json(&body);
+            tokio::spawn(async move {
+                let r = request.send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let body = task.await.unwrap();
+        let got: Vec<Vec<u32>> = match body.get("sequences") {
+            Some(seqs) => seqs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|q| ids(&q["token_ids"]))
+                .collect(),
+            None => vec![ids(&body["token_ids"])],
+        };
+        assert_eq!(got, expected[i], "request {i}");
+    }
+    // Some decode steps ran several requests together.
+    let steps = s.metric("blip2_batch_size_count").await;
+    let single = s.metric("blip2_batch_size_bucket{le=\"1\"}").await;
+    assert!(
+        steps > single,
+        "no step ran more than one request ({steps} steps)"
+    );
+    assert!(s.metric("blip2_batch_size_sum").await / steps > 1.0);
+    assert_eq!(s.metric("blip2_running_requests").await, 0.0);
+    assert_eq!(s.metric("blip2_queue_depth").await, 0.0);
+    s.stop().await;
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..400 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_429_a_disconnect_frees_its_slot_and_slow_requests_time_out() {
+    // Flan-T5 has no position limit: 4096 forced tokens keep a request busy for seconds.
+    let photo = image("rgb_640x480.png");
+    let s = Server::start_model(
+        "t5-tiny",
+        ServeOptions {
+            max_new_tokens: 4096,
+            engine: blip2_server::engine::EngineConfig {
+                max_batch_size: 1,
+                max_queue: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let long = json!({"image": b64(&photo), "stream": true,
+        "parameters": {"max_new_tokens": 4096, "min_new_tokens": 4096}});
+    // A long streamed request takes the only batch slot.
+    let mut stream = s.post("/v1/caption").json(&long).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    stream.chunk().await.unwrap().expect("a first event");
+    assert_eq!(s.info().await["running_requests"], 1);
+    // A second one waits in the queue, a third is refused.
+    let queued = s
+        .post("/v1/caption")
+        .json(&json!({"image": b64(&photo), "parameters": {"max_new_tokens": 3, "min_new_tokens": 3}}))
+        .send();
+    let queued = tokio::spawn(queued);
+    wait_until("the second request is queued", async || {
+        s.info().await["queue_depth"] == 1
+    })
+    .await;
+    let refused = s
+        .post("/v1/caption")
+        .json(&json!({"image": b64(&photo)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error_type"], "overloaded");
+    // The streaming client hangs up: its slot goes to the queued request, which finishes.
+    drop(stream);
+    let done = queued.await.unwrap().unwrap();
+    assert_eq!(done.status(), 200);
+    let body: Value = done.json().await.unwrap();
+    assert_eq!(body["usage"]["generated_tokens"], 3);
+    wait_until("the slot is free", async || {
+        s.info().await["running_requests"] == 0
+    })
+    .await;
+    assert_eq!(s.metric("blip2_cancelled_requests_total").await, 1.0);
+    s.stop().await;
+
+    // A per-request timeout: 504 before a response, an error event inside a stream.
+    let s = Server::start_model(
+        "t5-tiny",
+        ServeOptions {
+            max_new_tokens: 4096,
+            request_timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut plain = long.clone();
+    plain["stream"] = json!(false);
+    let (status, body) = s.json("/v1/caption", plain).await;
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (504, Some("timeout")),
+        "{body}"
+    );
+    let text = s
+        .post("/v1/caption")
+        .json(&long)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = sse_events(&text);
+    let (event, last) = events.last().unwrap();
+    assert_eq!(
+        (event.as_str(), last["error_type"].as_str()),
+        ("error", Some("timeout"))
+    );
+    wait_until("timed-out requests are cancelled", async || {
+        s.info().await["running_requests"] == 0
+    })
+    .await;
+    assert!(s.metric("blip2_errors_total{error_type=\"timeout\"}").await >= 2.0);
+    s.stop().await;
+
+    // max_concurrent_requests: one request in flight, the next is 429 at once.
+    let s = Server::start_model(
+        "t5-tiny",
+        ServeOptions {
+            max_new_tokens: 4096,
+            max_concurrent_requests: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut stream = s.post("/v1/caption").json(&long).send().await.unwrap();
+    stream.chunk().await.unwrap();
+    let (status, body) = s.json("/v1/caption", json!({"image": b64(&photo)})).await;
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (429, Some("overloaded"))
+    );
+    drop(stream);
+    wait_until("the in-flight request is gone", async || {
+        s.json("/v1/caption", json!({"image": b64(&photo)})).await.0 == 200
+    })
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_a_4xx_with_error_and_type_and_the_server_keeps_serving() {
+    let photo = image("rgb_640x480.png");
+    let key = "sekret";
+    let s = Server::start(ServeOptions {
+        max_body_bytes: 2 * 1024 * 1024,
+        max_images_per_request: 2,
+        max_prompt_tokens: 16,
+        max_new_tokens: 200,
+        engine: blip2_server::engine::EngineConfig {
+            max_batch_tokens: 400,
+            ..Default::default()
+        },
+        api_key: Some(key.into()),
+        ..Default::default()
+    })
+    .await;
+    let auth = format!("Bearer {key}");
+    let png = |w: u32, h: u32| {
+        let mut out = Vec::new();
+        image::RgbImage::new(w, h)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    let huge_header = {
+        // A valid PNG signature + IHDR claiming 100000 x 100000 pixels.
+        let mut p = png(1, 1);
+        p[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        p[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        p
+    };
+    let img = b64(&photo);
+    let long_prompt = "word ".repeat(40);
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<Value>,
+        Option<(&'static str, Vec<u8>)>,
+        u16,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
-            serde_json::to_vec(&serde_json::json!({"image": "!!!"})).unwrap(),
-            422,
-        ),
-        (
-            json_body(b"plain text, not an image", serde_json::json!({})),
-            415,
-        ),
-        (
-            json_body(&image, serde_json::json!({"parameters": {"top_p": 2.0}})),
-            422,
-        ),
-        (
-            json_body(&image, serde_json::json!({"parameters": {"nonsense": 1}})),
-            422,
-        ),
-        (
-            json_body(&image[..image.len() / 2], serde_json::json!({})),
+            "malformed JSON",
+            "/v1/caption",
+            None,
+            Some(("application/json", b"{\"image\": ".to_vec())),
             400,
+            "invalid_request",
+        ),
+        (
+            "not an object",
+            "/v1/caption",
+            Some(json!([1, 2])),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "unknown field",
+            "/v1/caption",
+            Some(json!({"image": img, "colour": 1})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "missing image",
+            "/v1/caption",
+            Some(json!({"prompt": "a"})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "image and images",
+            "/v1/caption",
+            Some(json!({"image": img, "images": [img]})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "empty images",
+            "/v1/caption",
+            Some(json!({"images": []})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "too many images",
+            "/v1/caption",
+            Some(json!({"images": [img, img, img]})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "bad base64",
+            "/v1/caption",
+            Some(json!({"image": "%%%"})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "not an image",
+            "/v1/caption",
+            Some(json!({"image": b64(b"hello, world")})),
+            None,
+            415,
+            "unsupported_image",
+        ),
+        (
+            "truncated PNG",
+            "/v1/caption",
+            Some(json!({"image": b64(&photo[..200])})),
+            None,
+            400,
+            "invalid_image",
+        ),
+        (
+            "too many pixels",
+            "/v1/caption",
+            Some(json!({"image": b64(&huge_header)})),
+            None,
+            413,
+            "image_too_large",
+        ),
+        (
+            "body too large",
+            "/v1/caption",
+            Some(json!({"image": b64(&vec![7u8; 3 * 1024 * 1024])})),
+            None,
+            413,
+            "payload_too_large",
+        ),
+        (
+            "wrong content type",
+            "/v1/caption",
+            None,
+            Some(("text/plain", b"hello".to_vec())),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "bad parameter type",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"max_new_tokens": "ten"}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "unknown parameter",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"beams": 2}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "invalid sampling",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"do_sample": true, "temperature": 0.0}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "beams below returns",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"num_beams": 2, "num_return_sequences": 3}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "max_new_tokens over the cap",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"max_new_tokens": 201}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "over the batch token budget",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"max_new_tokens": 60, "num_beams": 8}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "past the model's positions",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"max_new_tokens": 150}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "prompt too long",
+            "/v1/caption",
+            Some(json!({"image": img, "prompt": long_prompt})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "image token in prompt",
+            "/v1/caption",
+            Some(json!({"image": img, "prompt": "<image> hi"})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "stream with beams",
+            "/v1/caption",
+            Some(json!({"image": img, "stream": true, "parameters": {"num_beams": 2}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "stream with two images",
+            "/v1/caption",
+            Some(json!({"images": [img, img], "stream": true})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "details with beams",
+            "/v1/caption",
+            Some(json!({"image": img, "parameters": {"num_beams": 2, "details": true}})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "missing question",
+            "/v1/vqa",
+            Some(json!({"image": img})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "empty question",
+            "/v1/vqa",
+            Some(json!({"image": img, "question": "  "})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "prompt on vqa",
+            "/v1/vqa",
+            Some(json!({"image": img, "question": "q", "prompt": "p"})),
+            None,
+            422,
+            "validation",
+        ),
+        (
+            "multipart without image",
+            "/v1/caption",
+            None,
+            Some((
+                "multipart/form-data; boundary=X",
+                b"--X\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhi\r\n--X--\r\n"
+                    .to_vec(),
+            )),
+            422,
+            "validation",
+        ),
+        (
+            "broken multipart",
+            "/v1/caption",
+            None,
+            Some((
+                "multipart/form-data; boundary=X",
+                b"--X\r\ngarbage".to_vec(),
+            )),
+            400,
+            "invalid_request",
         ),
     ];
-    for (body, want) in cases {
-        let (status, text) = http(addr, "POST", "/v1/caption", &[], &body).await;
-        assert_eq!(status, want, "{text}");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (what, path, json_body, raw, status, kind) in cases {
+        let mut request = s.post(path).header("authorization", &auth);
+        request = match (json_body, raw) {
+            (Some(v), _) => request.json(&v),
+            (None, Some((ct, bytes))) => request.header("content-type", ct).body(bytes),
+            _ => unreachable!(),
+        };
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{what}");
+        let body: Value = r
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
+        assert_eq!(body["error_type"], kind, "{what}: {body}");
         assert!(
-            v["error"].is_string() && v["error_type"].is_string(),
-            "{text}"
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}"
         );
+        assert_eq!(s.get("/health").await.status(), 200, "after {what}");
     }
-    let (status, _) = http(
-        addr,
-        "POST",
-        "/v1/vqa",
-        &[],
-        &json_body(&image, serde_json::json!({"question": " "})),
-    )
-    .await;
-    assert_eq!(status, 422);
-    let (_, metrics) = http(addr, "GET", "/metrics", &[], b"").await;
-    assert!(
-        metrics.contains("blip2_requests_total{endpoint=\"caption\",status=\"200\"} 2"),
-        "{metrics}"
+    // Routes and methods that do not exist.
+    let r = s.get("/v2/nothing").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error_type"], "not_found");
+    let r = s.get("/v1/caption").await;
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error_type"],
+        "method_not_allowed"
     );
-    assert_eq!(http(addr, "GET", "/health", &[], b"").await.0, 200);
+    // The API key: missing or wrong is 401; /health and /metrics stay open.
+    for header in [None, Some("Bearer nope"), Some("sekret")] {
+        let mut request = s.post("/v1/caption").json(&json!({"image": img}));
+        if let Some(h) = header {
+            request = request.header("authorization", h);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{header:?}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    }
+    // Still serving real requests, and the errors were counted by type.
+    let r = s
+        .post("/v1/caption")
+        .header("authorization", &auth)
+        .json(&json!({"image": img, "parameters": {"max_new_tokens": 3}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        s.metric("blip2_errors_total{error_type=\"validation\"}")
+            .await
+            >= 19.0
+    );
+    assert_eq!(
+        s.metric("blip2_errors_total{error_type=\"unauthorized\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        s.metric("blip2_errors_total{error_type=\"image_too_large\"}")
+            .await,
+        1.0
+    );
+    s.stop().await;
+}
 
-    stop_tx.send(()).unwrap();
-    server.await.unwrap().unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_preflight_for_allowed_origins_only() {
+    let s = Server::start(ServeOptions {
+        cors_allow_origins: vec!["https://app.example".into()],
+        ..Default::default()
+    })
+    .await;
+    let preflight = |origin: &'static str| {
+        s.http
+            .request(reqwest::Method::OPTIONS, s.url("/v1/caption"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    let ok = preflight("https://app.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+    let r = s
+        .http
+        .get(s.url("/info"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    s.stop().await;
 }

@@ -1,41 +1,63 @@
 //! The model worker: one OS thread owns the loaded model and runs continuous batching.
 //!
-//! Callers (the HTTP handlers, once they exist) decode and preprocess images and tokenise
-//! prompts themselves, then submit a [`Job`] through a cloneable [`EngineHandle`]. The queue is
-//! bounded: a full queue is refused at once ([`SubmitError::QueueFull`], a 429 to a client).
-//! Between two decode steps the worker admits waiting jobs (their vision + Q-Former + prefill run
-//! as one batch) into the running [`DecodeBatch`], within `max_batch_size`, and retires finished
-//! requests, so a short request never waits for a long one. A job whose event receiver is gone
-//! (client disconnected) is cancelled at the next step and frees its rows.
+//! Callers (the HTTP handlers, the tests) decode and preprocess images and tokenise prompts
+//! themselves, then submit a [`Job`] through a cloneable [`EngineHandle`]. The queue is bounded:
+//! a full queue is refused at once ([`SubmitError::QueueFull`], a 429 to a client). Between two
+//! decode steps the worker admits waiting jobs (their vision + Q-Former + prefill run as one
+//! batch) into the running [`DecodeBatch`], within `max_batch_size` and the `max_batch_tokens`
+//! budget, and retires finished requests, so a short request never waits for a long one. A job
+//! whose event receiver is gone (client disconnected) or whose `cancel` flag is set is stopped at
+//! the next step and frees its rows. Vision + Q-Former outputs of recent images are kept in a
+//! small cache keyed by content ([`cache`]).
+
+mod cache;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use tokio::sync::mpsc;
 
-use crate::generation::{DecodeBatch, GeneratedSequence, GenerationParams, SequenceRequest};
+use crate::generation::{
+    DecodeBatch, FinishReason, GeneratedSequence, GenerationParams, SequenceRequest,
+};
+use crate::metrics::Metrics;
 use crate::pipeline::Blip2Pipeline;
 use crate::prompt::Prompt;
+use cache::FeatureCache;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Most requests decoding together.
     pub max_batch_size: usize,
+    /// Token budget of the running batch (see [`job_tokens`]).
+    pub max_batch_tokens: usize,
     /// Most jobs waiting for admission.
     pub max_queue: usize,
     /// How long an idle worker waits for more jobs before starting a batch with what it has.
     pub max_wait: Duration,
+    /// Recent images whose query embeddings are kept (0 = no cache).
+    pub image_cache_size: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_batch_size: 8,
+            max_batch_tokens: 32768,
             max_queue: 64,
             max_wait: Duration::from_millis(5),
+            image_cache_size: 64,
         }
     }
+}
+
+/// What a job costs in the batch's token budget: every row it occupies (beams, or returned
+/// sequences) holds the query tokens, the prompt and up to `max_new_tokens` new ones.
+pub fn job_tokens(num_query_tokens: usize, prompt: &Prompt, params: &GenerationParams) -> usize {
+    let rows = params.num_beams.max(params.num_return_sequences).max(1);
+    (num_query_tokens + prompt.text_ids.len() + params.max_new_tokens) * rows
 }
 
 /// One request for the worker: preprocessed pixels [3, H, W], the prompt, its settings.
@@ -46,6 +68,28 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<JobEvent>,
     /// Set by the caller to stop the job at the next step.
     pub cancel: Arc<AtomicBool>,
+    /// When the caller submitted it (queue time and time to first token count from here).
+    pub submitted: Instant,
+}
+
+impl Job {
+    /// A job and the receiver of its events.
+    pub fn new(
+        pixel_values: Vec<f32>,
+        prompt: Prompt,
+        params: GenerationParams,
+    ) -> (Self, mpsc::UnboundedReceiver<JobEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = Self {
+            pixel_values,
+            prompt,
+            params,
+            events,
+            cancel: Arc::new(AtomicBool::new(false)),
+            submitted: Instant::now(),
+        };
+        (job, rx)
+    }
 }
 
 /// What a job hears back.
@@ -72,14 +116,24 @@ pub enum SubmitError {
 pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
     max_queue: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl EngineHandle {
     pub fn try_submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(self.max_queue),
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        self.metrics.queue_depth.inc();
+        self.tx.try_send(job).map_err(|e| {
+            self.metrics.queue_depth.dec();
+            match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(self.max_queue),
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            }
         })
+    }
+
+    /// False once the worker thread has ended.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
     }
 }
 
@@ -88,15 +142,28 @@ impl EngineHandle {
 pub fn start(
     pipeline: Blip2Pipeline,
     config: EngineConfig,
+    metrics: Arc<Metrics>,
 ) -> (EngineHandle, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.max_queue.max(1));
     let handle = EngineHandle {
         tx,
         max_queue: config.max_queue,
+        metrics: metrics.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("blip2-model".into())
-        .spawn(move || worker(pipeline, config, rx))
+        .spawn(move || {
+            Worker {
+                cache: FeatureCache::new(config.image_cache_size),
+                pipeline: &pipeline,
+                config,
+                metrics,
+                rx,
+                open: true,
+                held: None,
+            }
+            .run()
+        })
         .expect("spawning the model thread");
     (handle, thread)
 }
@@ -104,155 +171,267 @@ pub fn start(
 struct Running {
     events: mpsc::UnboundedSender<JobEvent>,
     cancel: Arc<AtomicBool>,
+    submitted: Instant,
+    last_token: Option<Instant>,
 }
 
-fn worker(pipeline: Blip2Pipeline, config: EngineConfig, mut rx: mpsc::Receiver<Job>) {
-    let mut batch: Option<DecodeBatch<'_>> = None;
-    // Aligned with the batch's requests, in order.
-    let mut running: Vec<Running> = Vec::new();
-    let mut open = true;
-    loop {
-        // Admission: block only when idle.
-        let mut admitted = Vec::new();
-        if running.is_empty() {
-            if !open {
+struct Worker<'m> {
+    pipeline: &'m Blip2Pipeline,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    rx: mpsc::Receiver<Job>,
+    cache: FeatureCache,
+    /// The queue is still open (some handle is alive).
+    open: bool,
+    /// A job taken from the queue that did not fit the token budget yet; admitted first.
+    held: Option<Job>,
+}
+
+impl<'m> Worker<'m> {
+    fn num_query_tokens(&self) -> usize {
+        self.pipeline.model.config.num_query_tokens
+    }
+
+    /// The next job to consider: the held one, else one from the queue (blocking when asked).
+    fn next(&mut self, block: bool) -> Option<Job> {
+        if let Some(job) = self.held.take() {
+            return Some(job);
+        }
+        if !self.open {
+            return None;
+        }
+        let job = if block {
+            self.rx.blocking_recv()
+        } else {
+            match self.rx.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            }
+        };
+        match job {
+            Some(job) => {
+                self.metrics.queue_depth.dec();
+                Some(job)
+            }
+            None => {
+                self.open = false;
+                None
+            }
+        }
+    }
+
+    /// Moves jobs into `admitted` while the batch has room. Returns false when the next job
+    /// must wait for room (it is held).
+    fn fill(&mut self, admitted: &mut Vec<Job>, running: usize, tokens_in_use: &mut usize) {
+        while running + admitted.len() < self.config.max_batch_size {
+            let Some(job) = self.next(false) else { return };
+            if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
+                // Gone before it started: nothing to run.
+                job.cancel.store(true, Ordering::Relaxed);
+                self.metrics.cancelled.inc();
+                continue;
+            }
+            let cost = job_tokens(self.num_query_tokens(), &job.prompt, &job.params);
+            let alone = running == 0 && admitted.is_empty();
+            if !alone && *tokens_in_use + cost > self.config.max_batch_tokens {
+                self.held = Some(job);
                 return;
             }
-            match rx.blocking_recv() {
-                Some(job) => admitted.push(job),
-                None => return,
+            *tokens_in_use += cost;
+            admitted.push(job);
+        }
+    }
+
+    fn run(mut self) {
+        let mut batch: Option<DecodeBatch<'m>> = None;
+        // Aligned with the batch's requests, in order, with their token costs.
+        let mut running: Vec<Running> = Vec::new();
+        let mut costs: Vec<usize> = Vec::new();
+        loop {
+            let mut tokens_in_use: usize = costs.iter().sum();
+            let mut admitted = Vec::new();
+            if running.is_empty() {
+                // Idle: block for the first job, then gather more for up to max_wait.
+                let Some(first) = self.next(true) else { return };
+                self.held = Some(first);
+                self.fill(&mut admitted, 0, &mut tokens_in_use);
+                let deadline = Instant::now() + self.config.max_wait;
+                while self.open
+                    && self.held.is_none()
+                    && admitted.len() < self.config.max_batch_size
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_micros(200));
+                    self.fill(&mut admitted, 0, &mut tokens_in_use);
+                }
+            } else {
+                self.fill(&mut admitted, running.len(), &mut tokens_in_use);
             }
-            let deadline = Instant::now() + config.max_wait;
-            while admitted.len() < config.max_batch_size && Instant::now() < deadline {
-                match rx.try_recv() {
-                    Ok(job) => admitted.push(job),
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        std::thread::sleep(Duration::from_micros(200))
+            if !admitted.is_empty() {
+                let now = Instant::now();
+                for job in &admitted {
+                    self.metrics
+                        .queue_duration
+                        .observe((now - job.submitted).as_secs_f64());
+                }
+                let prefilled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.prefill(&admitted)
+                }))
+                .unwrap_or_else(|_| Err("internal error in the model worker".to_string()));
+                match prefilled {
+                    Ok(new) => {
+                        for job in admitted {
+                            costs.push(job_tokens(
+                                self.num_query_tokens(),
+                                &job.prompt,
+                                &job.params,
+                            ));
+                            running.push(Running {
+                                events: job.events,
+                                cancel: job.cancel,
+                                submitted: job.submitted,
+                                last_token: None,
+                            });
+                        }
+                        match batch.as_mut() {
+                            Some(b) => {
+                                if let Err(e) = b.join(new) {
+                                    self.fail_all(
+                                        &mut running,
+                                        &mut costs,
+                                        &mut batch,
+                                        &e.to_string(),
+                                    );
+                                    continue;
+                                }
+                            }
+                            None => batch = Some(new),
+                        }
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
+                    Err(e) => {
+                        for job in admitted {
+                            let _ = job.events.send(JobEvent::Error(e.clone()));
+                        }
                     }
                 }
             }
-        }
-        while open && running.len() + admitted.len() < config.max_batch_size {
-            match rx.try_recv() {
-                Ok(job) => admitted.push(job),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            self.metrics.running_requests.set(running.len() as i64);
+            let Some(b) = batch.as_mut() else { continue };
+            // A caller that stopped listening is cancelled.
+            for r in &running {
+                if r.events.is_closed() {
+                    r.cancel.store(true, Ordering::Relaxed);
+                }
             }
-        }
-        if !admitted.is_empty() {
-            let prefilled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                prefill(&pipeline, &admitted)
-            }))
-            .unwrap_or_else(|_| Err("internal error in the model worker".to_string()));
-            match prefilled {
-                Ok(new) => {
-                    running.extend(admitted.into_iter().map(|j| Running {
-                        events: j.events,
-                        cancel: j.cancel,
-                    }));
-                    match batch.as_mut() {
-                        Some(b) => {
-                            if let Err(e) = b.join(new) {
-                                fail_all(&mut running, &mut batch, &e.to_string());
-                                continue;
-                            }
+            self.metrics.batch_size.observe(running.len() as f64);
+            // A panic in the model must fail this batch's requests, not the server.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.step()));
+            let failure = match stepped {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("internal error in the model worker".to_string()),
+            };
+            if let Some(e) = failure {
+                self.fail_all(&mut running, &mut costs, &mut batch, &e);
+                continue;
+            }
+            let now = Instant::now();
+            for r in running.iter_mut() {
+                match r.last_token {
+                    None => self
+                        .metrics
+                        .time_to_first_token
+                        .observe((now - r.submitted).as_secs_f64()),
+                    Some(last) => self
+                        .metrics
+                        .inter_token_latency
+                        .observe((now - last).as_secs_f64()),
+                }
+                r.last_token = Some(now);
+            }
+            for ev in b.take_stream_events() {
+                let _ = running[ev.request].events.send(JobEvent::Token {
+                    id: ev.token,
+                    text: ev.text,
+                    logprob: ev.logprob,
+                });
+            }
+            match b.take_finished() {
+                Ok(finished) => {
+                    // Positions refer to the order before removal: remove from the back.
+                    for (position, sequences) in finished.into_iter().rev() {
+                        let r = running.remove(position);
+                        costs.remove(position);
+                        if sequences
+                            .first()
+                            .is_some_and(|s| s.finish_reason == FinishReason::Cancelled)
+                        {
+                            self.metrics.cancelled.inc();
                         }
-                        None => batch = Some(new),
+                        if let Some(first) = sequences.first() {
+                            self.metrics
+                                .generated_tokens
+                                .observe(first.token_ids.len() as f64);
+                        }
+                        let _ = r.events.send(JobEvent::Done(sequences));
                     }
                 }
                 Err(e) => {
-                    for job in admitted {
-                        let _ = job.events.send(JobEvent::Error(e.clone()));
-                    }
+                    self.fail_all(&mut running, &mut costs, &mut batch, &e.to_string());
+                    continue;
                 }
             }
-        }
-        let Some(b) = batch.as_mut() else { continue };
-        // A caller that stopped listening is cancelled.
-        for r in &running {
-            if r.events.is_closed() {
-                r.cancel.store(true, Ordering::Relaxed);
+            if running.is_empty() {
+                batch = None;
             }
-        }
-        // A panic in the model must fail this batch's requests, not the server.
-        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.step()));
-        match stepped {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                fail_all(&mut running, &mut batch, &e.to_string());
-                continue;
-            }
-            Err(_) => {
-                fail_all(
-                    &mut running,
-                    &mut batch,
-                    "internal error in the model worker",
-                );
-                continue;
-            }
-        }
-        for ev in b.take_stream_events() {
-            let _ = running[ev.request].events.send(JobEvent::Token {
-                id: ev.token,
-                text: ev.text,
-                logprob: ev.logprob,
-            });
-        }
-        match b.take_finished() {
-            Ok(finished) => {
-                // Positions refer to the order before removal: remove from the back.
-                for (position, sequences) in finished.into_iter().rev() {
-                    let r = running.remove(position);
-                    let _ = r.events.send(JobEvent::Done(sequences));
-                }
-            }
-            Err(e) => {
-                fail_all(&mut running, &mut batch, &e.to_string());
-                continue;
-            }
-        }
-        if running.is_empty() {
-            batch = None;
+            self.metrics.running_requests.set(running.len() as i64);
         }
     }
-}
 
-/// Vision + Q-Former + prefill of newly admitted jobs, as one batch.
-fn prefill<'m>(pipeline: &'m Blip2Pipeline, jobs: &[Job]) -> Result<DecodeBatch<'m>, String> {
-    let pixels: Vec<Vec<f32>> = jobs.iter().map(|j| j.pixel_values.clone()).collect();
-    let tensor = pipeline
-        .images
-        .batch_tensor(&pixels, pipeline.model.device())
-        .map_err(|e| e.to_string())?;
-    let features = pipeline
-        .model
-        .image_features(&tensor)
-        .map_err(|e| e.to_string())?;
-    let requests: Vec<SequenceRequest> = jobs
-        .iter()
-        .map(|j| SequenceRequest {
-            prompt: j.prompt.clone(),
-            params: j.params.clone(),
-            cancel: Some(j.cancel.clone()),
-        })
-        .collect();
-    DecodeBatch::prefill(
-        &pipeline.model,
-        &pipeline.prompts,
-        &features.query_embeds,
-        &requests,
-    )
-    .map_err(|e| e.to_string())
-}
-
-/// The model failed mid-batch: every running job hears why; the worker carries on empty.
-fn fail_all(running: &mut Vec<Running>, batch: &mut Option<DecodeBatch<'_>>, error: &str) {
-    for r in running.drain(..) {
-        let _ = r.events.send(JobEvent::Error(error.to_string()));
+    /// Vision + Q-Former (or the cache) and prefill of newly admitted jobs, as one batch.
+    fn prefill(&mut self, jobs: &[Job]) -> Result<DecodeBatch<'m>, String> {
+        let pipeline = self.pipeline;
+        let device = pipeline.model.device().clone();
+        let (height, width) = (pipeline.images.height, pipeline.images.width);
+        let query_embeds =
+            self.cache
+                .query_embeds(jobs, &self.metrics, |pixels: &[&[f32]]| {
+                    let data: Vec<f32> = pixels.concat();
+                    let tensor = Tensor::from_vec(data, (pixels.len(), 3, height, width), &device)
+                        .map_err(|e| e.to_string())?;
+                    let features = pipeline
+                        .model
+                        .image_features(&tensor)
+                        .map_err(|e| e.to_string())?;
+                    Ok(features.query_embeds)
+                })?;
+        let requests: Vec<SequenceRequest> = jobs
+            .iter()
+            .map(|j| SequenceRequest {
+                prompt: j.prompt.clone(),
+                params: j.params.clone(),
+                cancel: Some(j.cancel.clone()),
+            })
+            .collect();
+        DecodeBatch::prefill(&pipeline.model, &pipeline.prompts, &query_embeds, &requests)
+            .map_err(|e| e.to_string())
     }
-    *batch = None;
+
+    /// The model failed mid-batch: every running job hears why; the worker carries on empty.
+    fn fail_all(
+        &self,
+        running: &mut Vec<Running>,
+        costs: &mut Vec<usize>,
+        batch: &mut Option<DecodeBatch<'m>>,
+        error: &str,
+    ) {
+        tracing::error!(error, requests = running.len(), "batch failed");
+        for r in running.drain(..) {
+            let _ = r.events.send(JobEvent::Error(error.to_string()));
+        }
+        costs.clear();
+        *batch = None;
+        self.metrics.running_requests.set(0);
+    }
 }

@@ -209,6 +209,10 @@ pub struct GenerationOverrides {
     /// Stop when the text contains this string (cut from the output); repeatable.
     #[arg(long = "stop")]
     pub stop: Option<Vec<String>>,
+    /// HTTP only: add each generated token's `{id, text, logprob}` to the response (one
+    /// sequence, no beams). Not a decoding setting: `apply` ignores it.
+    #[arg(skip)]
+    pub details: Option<bool>,
 }
 
 impl GenerationOverrides {

@@ -1,0 +1,396 @@
+//! `POST /v1/caption` and `POST /v1/vqa`: validate, preprocess off the runtime, submit to the
+//! model worker, then answer with JSON or stream Server-Sent Events.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant as Deadline;
+
+use super::error::ApiError;
+use super::input::{self, Endpoint, Input};
+use super::AppState;
+use crate::engine::{job_tokens, Job, JobEvent, SubmitError};
+use crate::generation::GeneratedSequence;
+use crate::preprocess::PreprocessError;
+use crate::prompt::Prompt;
+
+pub async fn caption(State(s): State<Arc<AppState>>, request: Request) -> Response {
+    handle(s, Endpoint::Caption, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn vqa(State(s): State<Arc<AppState>>, request: Request) -> Response {
+    handle(s, Endpoint::Vqa, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+/// One submitted image: its events, cancel flag and prompt length.
+struct Submitted {
+    rx: mpsc::UnboundedReceiver<JobEvent>,
+    cancel: Arc<AtomicBool>,
+    prompt_tokens: usize,
+}
+
+/// Sets every cancel flag when dropped: the client went away (or timed out) before the end.
+struct CancelOnDrop(Vec<Arc<AtomicBool>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn handle(
+    s: Arc<AppState>,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let started = Deadline::now();
+    let deadline = s.limits.request_timeout.map(|t| started + t);
+    let permit = s.in_flight.clone().try_acquire_owned().map_err(|_| {
+        ApiError::overloaded("too many requests in flight (max_concurrent_requests)")
+    })?;
+    if !s.is_ready() {
+        return Err(ApiError::unavailable("the server is not ready"));
+    }
+    let stream_header = wants_sse(request.headers());
+    let Input {
+        images,
+        text,
+        parameters,
+        stream,
+        many,
+    } = input::read(endpoint, request).await?;
+    let stream = stream || stream_header;
+    let details = parameters.details.unwrap_or(false);
+    if images.len() > s.limits.max_images_per_request {
+        return Err(ApiError::validation(format!(
+            "{} images in one request; at most {} (max_images_per_request)",
+            images.len(),
+            s.limits.max_images_per_request
+        )));
+    }
+    if images.is_empty() {
+        return Err(ApiError::validation("`images` is empty"));
+    }
+    if stream && images.len() > 1 {
+        return Err(ApiError::validation(
+            "streaming takes one image: send one request per image",
+        ));
+    }
+    let params = parameters.apply(s.defaults.clone());
+    params
+        .validate()
+        .map_err(|e| ApiError::validation(e.to_string()))?;
+    if params.max_new_tokens > s.limits.max_new_tokens {
+        return Err(ApiError::validation(format!(
+            "max_new_tokens {} is above this server's limit of {}",
+            params.max_new_tokens, s.limits.max_new_tokens
+        )));
+    }
+    let one_sequence = params.num_beams == 1 && params.num_return_sequences == 1;
+    if (stream || details) && !one_sequence {
+        return Err(ApiError::validation(
+            "stream and details need one sequence: num_beams 1 and num_return_sequences 1",
+        ));
+    }
+    let prompt_text = match endpoint {
+        Endpoint::Caption => text,
+        Endpoint::Vqa => {
+            let question = text.unwrap_or_default();
+            if question.trim().is_empty() {
+                return Err(ApiError::validation("question is empty"));
+            }
+            Some(s.vqa_template.replace("{}", question.trim()))
+        }
+    };
+    let prompt = s
+        .prompts
+        .build(prompt_text.as_deref())
+        .map_err(|e| ApiError::validation(e.to_string()))?;
+    if prompt.text_ids.len() > s.limits.max_prompt_tokens {
+        return Err(ApiError::validation(format!(
+            "the prompt has {} tokens; at most {} (max_prompt_tokens)",
+            prompt.text_ids.len(),
+            s.limits.max_prompt_tokens
+        )));
+    }
+    if let Some(max) = s.limits.max_positions {
+        let total = s.limits.num_query_tokens + prompt.text_ids.len() + params.max_new_tokens;
+        if total > max {
+            return Err(ApiError::validation(format!(
+                "{} query + {} prompt + {} new tokens exceed the model's {max} positions: \
+                 lower max_new_tokens",
+                s.limits.num_query_tokens,
+                prompt.text_ids.len(),
+                params.max_new_tokens
+            )));
+        }
+    }
+    let cost = job_tokens(s.limits.num_query_tokens, &prompt, &params);
+    if cost > s.limits.max_batch_tokens {
+        return Err(ApiError::validation(format!(
+            "this request needs {cost} batch tokens ((query + prompt + max_new_tokens) x rows); \
+             the server's budget is {} (max_batch_tokens)",
+            s.limits.max_batch_tokens
+        )));
+    }
+    let pixels = preprocess_all(&s, images).await?;
+    let submitted = submit(&s, pixels, &prompt, &params)?;
+    let guard = CancelOnDrop(submitted.iter().map(|j| j.cancel.clone()).collect());
+    let field = match endpoint {
+        Endpoint::Caption => "text",
+        Endpoint::Vqa => "answer",
+    };
+    if stream {
+        let one = submitted.into_iter().next().expect("one image");
+        return Ok(sse(s, one, guard, permit, deadline, field, details));
+    }
+    let collected = async {
+        let mut results = Vec::with_capacity(submitted.len());
+        for job in submitted {
+            results.push(collect(job, field, details).await?);
+        }
+        Ok::<_, ApiError>(results)
+    };
+    let results = match deadline {
+        Some(d) => tokio::time::timeout_at(d, collected)
+            .await
+            .map_err(|_| ApiError::timeout())??,
+        None => collected.await?,
+    };
+    drop(guard);
+    drop(permit);
+    let body = if many {
+        serde_json::json!({ "results": results })
+    } else {
+        results.into_iter().next().expect("one result")
+    };
+    Ok(Json(body).into_response())
+}
+
+/// Decodes and preprocesses each image on the blocking pool, at most `preprocess_workers` at
+/// once across the server.
+async fn preprocess_all(
+    s: &Arc<AppState>,
+    images: Vec<Vec<u8>>,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    let tasks = images.into_iter().enumerate().map(|(index, bytes)| {
+        let s = s.clone();
+        async move {
+            let _permit = s
+                .decode_permits
+                .acquire()
+                .await
+                .map_err(|_| ApiError::unavailable("shutting down"))?;
+            let processor = s.images.clone();
+            let started = Instant::now();
+            let result = tokio::task::spawn_blocking(move || processor.pixel_values(&bytes))
+                .await
+                .map_err(|_| ApiError::internal("the image worker failed"))?;
+            s.metrics
+                .preprocess_duration
+                .observe(started.elapsed().as_secs_f64());
+            result.map_err(|e| image_error(index, e))
+        }
+    });
+    futures_util::future::try_join_all(tasks).await
+}
+
+fn image_error(index: usize, e: PreprocessError) -> ApiError {
+    let (status, kind) = match e {
+        PreprocessError::TooManyBytes { .. } | PreprocessError::TooManyPixels { .. } => {
+            (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large")
+        }
+        PreprocessError::UnknownFormat => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image"),
+        _ => (StatusCode::BAD_REQUEST, "invalid_image"),
+    };
+    ApiError::new(status, kind, format!("image {index}: {e}"))
+}
+
+/// Submits one job per image; all or none (a full queue cancels those already queued).
+fn submit(
+    s: &Arc<AppState>,
+    pixels: Vec<Vec<f32>>,
+    prompt: &Prompt,
+    params: &crate::generation::GenerationParams,
+) -> Result<Vec<Submitted>, ApiError> {
+    let mut submitted: Vec<Submitted> = Vec::with_capacity(pixels.len());
+    for pixel_values in pixels {
+        let (job, rx) = Job::new(pixel_values, prompt.clone(), params.clone());
+        let cancel = job.cancel.clone();
+        if let Err(e) = s.engine.try_submit(job) {
+            for done in &submitted {
+                done.cancel.store(true, Ordering::Relaxed);
+            }
+            return Err(match e {
+                SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
+                SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+            });
+        }
+        submitted.push(Submitted {
+            rx,
+            cancel,
+            prompt_tokens: prompt.text_ids.len(),
+        });
+    }
+    Ok(submitted)
+}
+
+fn token_json(id: u32, text: &str, logprob: f32) -> serde_json::Value {
+    serde_json::json!({"id": id, "text": text, "logprob": logprob})
+}
+
+/// The answer for one image: `{<field>, finish_reason, usage, token_ids, details?, sequences?}`.
+fn result_body(
+    seqs: &[GeneratedSequence],
+    prompt_tokens: usize,
+    field: &str,
+    tokens: Option<Vec<serde_json::Value>>,
+) -> serde_json::Value {
+    let first = &seqs[0];
+    let mut body = serde_json::json!({
+        "finish_reason": first.finish_reason,
+        "usage": {"prompt_tokens": prompt_tokens, "generated_tokens": first.token_ids.len()},
+        "token_ids": first.token_ids,
+    });
+    body[field] = serde_json::Value::String(first.text.clone());
+    if let Some(tokens) = tokens {
+        body["details"] = serde_json::json!({ "tokens": tokens });
+    }
+    if seqs.len() > 1 {
+        body["sequences"] = serde_json::Value::Array(
+            seqs.iter()
+                .map(|q| {
+                    serde_json::json!({
+                        "text": q.text,
+                        "finish_reason": q.finish_reason,
+                        "token_ids": q.token_ids,
+                        "score": q.score,
+                    })
+                })
+                .collect(),
+        );
+    }
+    body
+}
+
+async fn collect(
+    mut job: Submitted,
+    field: &str,
+    details: bool,
+) -> Result<serde_json::Value, ApiError> {
+    let mut tokens = Vec::new();
+    while let Some(event) = job.rx.recv().await {
+        match event {
+            JobEvent::Token { id, text, logprob } => {
+                if details {
+                    tokens.push(token_json(id, &text, logprob));
+                }
+            }
+            JobEvent::Done(seqs) if !seqs.is_empty() => {
+                return Ok(result_body(
+                    &seqs,
+                    job.prompt_tokens,
+                    field,
+                    details.then_some(tokens),
+                ));
+            }
+            JobEvent::Done(_) => break,
+            JobEvent::Error(e) => return Err(ApiError::internal(e)),
+        }
+    }
+    Err(ApiError::internal("the model worker dropped the request"))
+}
+
+/// What the stream still holds: its events, and what must live as long as it.
+struct StreamState {
+    s: Arc<AppState>,
+    job: Submitted,
+    _guard: CancelOnDrop,
+    _permit: OwnedSemaphorePermit,
+    deadline: Option<Deadline>,
+    tokens: Vec<serde_json::Value>,
+}
+
+fn sse(
+    s: Arc<AppState>,
+    job: Submitted,
+    guard: CancelOnDrop,
+    permit: OwnedSemaphorePermit,
+    deadline: Option<Deadline>,
+    field: &'static str,
+    details: bool,
+) -> Response {
+    let state = StreamState {
+        s,
+        job,
+        _guard: guard,
+        _permit: permit,
+        deadline,
+        tokens: Vec::new(),
+    };
+    let stream = futures_util::stream::unfold(Some(state), move |state| async move {
+        let mut st = state?;
+        let next = match st.deadline {
+            Some(d) => tokio::time::timeout_at(d, st.job.rx.recv())
+                .await
+                .map_err(|_| ()),
+            None => Ok(st.job.rx.recv().await),
+        };
+        let error = |st: &StreamState, e: ApiError| {
+            st.s.metrics.errors.with_label_values(&[e.error_type]).inc();
+            Event::default().event("error").data(e.body().to_string())
+        };
+        let last = match next {
+            Ok(Some(JobEvent::Token { id, text, logprob })) => {
+                let token = token_json(id, &text, logprob);
+                if details {
+                    st.tokens.push(token.clone());
+                }
+                let data = serde_json::json!({ "token": token });
+                let event = Event::default().data(data.to_string());
+                return Some((Ok::<_, Infallible>(event), Some(st)));
+            }
+            Ok(Some(JobEvent::Done(seqs))) if !seqs.is_empty() => {
+                let tokens = details.then(|| std::mem::take(&mut st.tokens));
+                let body = result_body(&seqs, st.job.prompt_tokens, field, tokens);
+                Event::default().data(body.to_string())
+            }
+            Ok(Some(JobEvent::Error(e))) => error(&st, ApiError::internal(e)),
+            Ok(_) => error(
+                &st,
+                ApiError::internal("the model worker dropped the request"),
+            ),
+            Err(()) => error(&st, ApiError::timeout()),
+        };
+        // The last event: dropping the state cancels the job if it still runs.
+        Some((Ok(last), None))
+    });
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .into_response();
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}

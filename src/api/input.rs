@@ -1,0 +1,274 @@
+//! Request bodies: JSON (images as base64 or `data:` URLs) or multipart/form-data (file fields
+//! `image`, repeatable; the other fields as form fields), read into one [`Input`].
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{header, StatusCode};
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::generation::GenerationOverrides;
+
+/// What a caption or VQA request asks, whatever its encoding.
+pub struct Input {
+    pub images: Vec<Vec<u8>>,
+    /// `prompt` (caption) or `question` (VQA).
+    pub text: Option<String>,
+    pub parameters: GenerationOverrides,
+    pub stream: bool,
+    /// `images: [...]` was used (the answer is a `results` list, even for one image).
+    pub many: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptionBody {
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    images: Option<Vec<String>>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    parameters: Option<GenerationOverrides>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VqaBody {
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    images: Option<Vec<String>>,
+    question: String,
+    #[serde(default)]
+    parameters: Option<GenerationOverrides>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Caption,
+    Vqa,
+}
+
+impl Endpoint {
+    fn text_field(self) -> &'static str {
+        match self {
+            Endpoint::Caption => "prompt",
+            Endpoint::Vqa => "question",
+        }
+    }
+}
+
+fn json_error(e: serde_json::Error) -> ApiError {
+    if e.is_syntax() || e.is_eof() {
+        ApiError::bad_request(format!("invalid JSON body: {e}"))
+    } else {
+        ApiError::validation(format!("invalid request: {e}"))
+    }
+}
+
+/// `image`: base64, or a `data:<mime>;base64,` URL.
+fn decode_base64_image(image: &str, index: usize) -> Result<Vec<u8>, ApiError> {
+    let payload = match image.strip_prefix("data:") {
+        Some(rest) => rest.split_once(";base64,").map(|(_, b)| b).ok_or_else(|| {
+            ApiError::validation(format!(
+                "image {index}: a data: URL must be base64 (data:<type>;base64,...)"
+            ))
+        })?,
+        None => image,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| ApiError::validation(format!("image {index} is not valid base64: {e}")))?;
+    if bytes.is_empty() {
+        return Err(ApiError::validation(format!("image {index} is empty")));
+    }
+    Ok(bytes)
+}
+
+fn images_of(
+    image: Option<String>,
+    images: Option<Vec<String>>,
+) -> Result<(Vec<Vec<u8>>, bool), ApiError> {
+    match (image, images) {
+        (Some(one), None) => Ok((vec![decode_base64_image(&one, 0)?], false)),
+        (None, Some(many)) => Ok((
+            many.iter()
+                .enumerate()
+                .map(|(i, s)| decode_base64_image(s, i))
+                .collect::<Result<_, _>>()?,
+            true,
+        )),
+        (Some(_), Some(_)) => Err(ApiError::validation("give `image` or `images`, not both")),
+        (None, None) => Err(ApiError::validation("missing `image` (or `images`)")),
+    }
+}
+
+fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, ApiError> {
+    let input = match endpoint {
+        Endpoint::Caption => {
+            let b: CaptionBody = serde_json::from_value(value).map_err(json_error)?;
+            let (images, many) = images_of(b.image, b.images)?;
+            Input {
+                images,
+                text: b.prompt,
+                parameters: b.parameters.unwrap_or_default(),
+                stream: b.stream.unwrap_or(false),
+                many,
+            }
+        }
+        Endpoint::Vqa => {
+            let b: VqaBody = serde_json::from_value(value).map_err(json_error)?;
+            let (images, many) = images_of(b.image, b.images)?;
+            Input {
+                images,
+                text: Some(b.question),
+                parameters: b.parameters.unwrap_or_default(),
+                stream: b.stream.unwrap_or(false),
+                many,
+            }
+        }
+    };
+    Ok(input)
+}
+
+/// Reads the body by its content type: JSON (also when none is given) or multipart.
+pub async fn read(endpoint: Endpoint, request: Request) -> Result<Input, ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_ascii_lowercase();
+    if content_type.starts_with("multipart/form-data") {
+        let multipart = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        return read_multipart(endpoint, multipart).await;
+    }
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence != "application/json" && !essence.ends_with("+json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content type {essence:?} is not accepted: send application/json or multipart/form-data"),
+        ));
+    }
+    let body = Bytes::from_request(request, &()).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(json_error)?;
+    if !value.is_object() {
+        return Err(ApiError::validation("the body must be a JSON object"));
+    }
+    from_value(endpoint, value)
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "the request body is larger than the server accepts (max_body_bytes)",
+    )
+}
+
+async fn read_multipart(endpoint: Endpoint, mut multipart: Multipart) -> Result<Input, ApiError> {
+    let multipart_error = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("invalid multipart body: {}", e.body_text()))
+        }
+    };
+    let mut images = Vec::new();
+    let mut fields = serde_json::Map::new();
+    let mut parameters = serde_json::Map::new();
+    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "image" | "images" => {
+                let bytes = field.bytes().await.map_err(multipart_error)?;
+                if bytes.is_empty() {
+                    return Err(ApiError::validation(format!(
+                        "image {} is empty",
+                        images.len()
+                    )));
+                }
+                images.push(bytes.to_vec());
+            }
+            _ => {
+                let text = field.text().await.map_err(multipart_error)?;
+                if name == endpoint.text_field() {
+                    fields.insert(name, serde_json::Value::String(text));
+                } else if name == "stream" {
+                    let value = parse_bool(&text).ok_or_else(|| {
+                        ApiError::validation(format!("stream must be true or false, got {text:?}"))
+                    })?;
+                    fields.insert(name, serde_json::Value::Bool(value));
+                } else if name == "parameters" {
+                    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                        ApiError::validation(format!("the parameters field is not JSON: {e}"))
+                    })?;
+                    let serde_json::Value::Object(map) = value else {
+                        return Err(ApiError::validation(
+                            "the parameters field must be a JSON object",
+                        ));
+                    };
+                    parameters.extend(map);
+                } else {
+                    // A generation parameter as its own field: a number or boolean when it
+                    // reads as one, else a string (unknown names are refused below).
+                    let value = match serde_json::from_str::<serde_json::Value>(&text) {
+                        Ok(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v,
+                        _ if name == "stop" => serde_json::Value::Array(vec![text.into()]),
+                        _ => serde_json::Value::String(text),
+                    };
+                    if name == "stop" {
+                        if let Some(serde_json::Value::Array(list)) = parameters.get_mut("stop") {
+                            if let serde_json::Value::Array(more) = value {
+                                list.extend(more);
+                            }
+                            continue;
+                        }
+                    }
+                    parameters.insert(name, value);
+                }
+            }
+        }
+    }
+    if images.is_empty() {
+        return Err(ApiError::validation("missing the `image` file field"));
+    }
+    if !parameters.is_empty() {
+        fields.insert("parameters".into(), serde_json::Value::Object(parameters));
+    }
+    if endpoint == Endpoint::Vqa && !fields.contains_key("question") {
+        return Err(ApiError::validation("missing field `question`"));
+    }
+    let mut input = from_value(endpoint, {
+        // Validate the fields with the JSON schema, with a placeholder for the image.
+        fields.insert("image".into(), serde_json::Value::String("AA==".into()));
+        serde_json::Value::Object(fields)
+    })?;
+    input.many = images.len() > 1;
+    input.images = images;
+    Ok(input)
+}
+
+fn parse_bool(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
