@@ -403,21 +403,15 @@ fn invalid_generation_flags_are_one_line_errors() {
     );
 }
 
-/// `serve` answers, and SIGTERM makes it drain and exit 0.
-#[test]
-fn serve_drains_and_exits_zero_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
+/// Starts `serve` on the tiny model with extra args/env; returns the child and its address.
+fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
     let model = model_dir("opt-tiny");
     let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-server"))
-        .args([
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .env("BLIP2_MODEL", model.to_str().unwrap())
+        .envs(env.iter().copied())
         .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -435,25 +429,115 @@ fn serve_drains_and_exits_zero_on_sigterm() {
                 .split_whitespace()
                 .next()
                 .unwrap()
-                .trim_matches(|c: char| !c.is_ascii_graphic())
-                .to_string();
+                .chars()
+                .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect::<String>();
         }
     };
-    let addr: String = addr
-        .chars()
-        .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    conn.write_all(b"GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, addr)
+}
+
+/// One HTTP/1.1 exchange on a fresh connection; returns the raw response.
+fn http_raw(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// `serve` answers; SIGTERM lets an in-flight request finish, then the process exits 0.
+#[test]
+fn serve_drains_in_flight_requests_and_exits_zero_on_sigterm() {
+    let (mut child, addr) = spawn_server(&[], &[]);
+    let ready = http_raw(
+        &addr,
+        "GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    // A request that is still generating when the signal comes.
+    let image = std::fs::read(image_path("rgb_640x480.png")).unwrap();
+    let body = serde_json::json!({
+        "image": base64_encode(&image),
+        "parameters": {"max_new_tokens": 100, "min_new_tokens": 100, "num_beams": 16},
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/caption HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let in_flight = {
+        let addr = addr.clone();
+        std::thread::spawn(move || http_raw(&addr, &request))
+    };
+    // Wait until the model worker runs it.
+    for _ in 0..400 {
+        let info = http_raw(
+            &addr,
+            "GET /info HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        if info.contains("\"running_requests\":1") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
+    let response = in_flight.join().unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"generated_tokens\":100"), "{response}");
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// config/default.toml < --config < BLIP2_ env < flags, as /info reports them; bad settings
+/// stop the start with the key named.
+#[test]
+fn serve_settings_layer_and_bad_ones_are_refused() {
+    let dir = temp_dir("serve-config");
+    let file = dir.join("server.toml");
+    std::fs::write(
+        &file,
+        "max_batch_size = 3\nmax_queue = 7\nmax_new_tokens = 99\n",
+    )
+    .unwrap();
+    let (mut child, addr) = spawn_server(
+        &["--config", file.to_str().unwrap(), "--max-new-tokens", "42"],
+        &[("BLIP2_MAX_QUEUE", "11"), ("BLIP2_MAX_NEW_TOKENS", "77")],
+    );
+    let info = http_raw(
+        &addr,
+        "GET /info HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(info.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["max_batch_size"], 3, "file over default");
+    assert_eq!(body["max_queue"], 11, "env over file");
+    assert_eq!(body["max_new_tokens"], 42, "flag over env");
+    assert_eq!(body["max_concurrent_requests"], 256, "default");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    std::fs::write(&file, "max_batch_sise = 3\n").unwrap();
+    let out = blip2(&["serve", "--model", "x", "--config", file.to_str().unwrap()]);
+    assert_clean_error(&out, "max_batch_sise");
+    let out = blip2(&["serve", "--model", "x", "--max-batch-size", "0"]);
+    assert_clean_error(&out, "max_batch_size");
+    let out = Command::new(env!("CARGO_BIN_EXE_blip2-server"))
+        .args(["serve"])
+        .env_remove("BLIP2_MODEL")
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "--model");
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

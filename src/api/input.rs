@@ -266,9 +266,9 @@ async fn read_multipart(endpoint: Endpoint, mut multipart: Multipart) -> Result<
 }
 
 fn parse_bool(text: &str) -> Option<bool> {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Some(true),
-        "false" | "0" | "no" | "off" | "" => Some(false),
+    match text {
+        "true" => Some(true),
+        "false" => Some(false),
         _ => None,
     }
 }
