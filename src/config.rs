@@ -29,6 +29,31 @@ impl DTypeName {
     }
 }
 
+/// `--quantize`: the vision encoder's and language model's linear weights, at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum QuantizeName {
+    #[serde(rename = "none")]
+    #[value(name = "none")]
+    None,
+    #[serde(rename = "q8_0")]
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4k")]
+    #[value(name = "q4k")]
+    Q4K,
+}
+
+impl QuantizeName {
+    pub fn quantization(self) -> Option<crate::model::linear::Quantization> {
+        use crate::model::linear::Quantization;
+        match self {
+            Self::None => None,
+            Self::Q8_0 => Some(Quantization::Q8_0),
+            Self::Q4K => Some(Quantization::Q4K),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -43,6 +68,7 @@ pub struct ServerConfig {
     pub model: String,
     pub revision: String,
     pub dtype: DTypeName,
+    pub quantize: QuantizeName,
     pub host: String,
     pub port: u16,
     pub max_batch_size: usize,
@@ -86,6 +112,11 @@ pub struct ServeArgs {
     #[arg(long, value_enum, env = "BLIP2_DTYPE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<DTypeName>,
+    /// Quantise the vision encoder's and language model's linear weights at load (not exact to
+    /// the reference; see BENCHMARKS.md for the drift) [default: none].
+    #[arg(long, value_enum, env = "BLIP2_QUANTIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<QuantizeName>,
     /// Address to listen on [default: 0.0.0.0].
     #[arg(long, env = "BLIP2_HOST")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -362,6 +393,7 @@ mod tests {
             model: Some(String::new()),
             revision: Some(String::new()),
             dtype: Some(DTypeName::F32),
+            quantize: Some(QuantizeName::None),
             host: Some(String::new()),
             port: Some(0),
             max_batch_size: Some(0),

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use blip2_server::config::{DTypeName, LogFormat, ServeArgs, ServerConfig};
+use blip2_server::config::{DTypeName, LogFormat, QuantizeName, ServeArgs, ServerConfig};
 use blip2_server::generation::GenerationOverrides;
 use blip2_server::model::ModelSource;
 use blip2_server::preprocess::ImageLimits;
@@ -61,6 +61,10 @@ enum Command {
         /// Weight dtype (f32 is the exact reference; f16 is refused for Flan-T5).
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DTypeName,
+        /// Quantise the vision encoder's and language model's linear weights at load (faster,
+        /// smaller, not exact to the reference).
+        #[arg(long, value_enum, default_value = "none")]
+        quantize: QuantizeName,
         /// Largest accepted image file, in bytes.
         #[arg(long, default_value_t = ImageLimits::default().max_bytes)]
         max_image_bytes: usize,
@@ -98,16 +102,14 @@ fn load(
     model: &str,
     revision: &str,
     dtype: DType,
-    max_bytes: usize,
-    max_pixels: u64,
+    quantize: QuantizeName,
+    limits: ImageLimits,
 ) -> anyhow::Result<(ModelSource, Blip2Pipeline)> {
     let options = LoadOptions {
         dtype,
         device: Device::Cpu,
-        limits: ImageLimits {
-            max_bytes,
-            max_pixels,
-        },
+        limits,
+        quantize: quantize.quantization(),
     };
     let source = ModelSource::parse(model, Some(revision))?;
     let pipeline = Blip2Pipeline::load(&source, &options)
@@ -124,8 +126,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &config.model,
                 &config.revision,
                 config.dtype.dtype(),
-                config.max_image_bytes,
-                config.max_image_pixels,
+                config.quantize,
+                ImageLimits {
+                    max_bytes: config.max_image_bytes,
+                    max_pixels: config.max_image_pixels,
+                },
             )?;
             let mut serve = ServeOptions::from_config(&config);
             serve.model_id = source.describe();
@@ -150,6 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             generation,
             json,
             dtype,
+            quantize,
             max_image_bytes,
             max_image_pixels,
         } => {
@@ -172,8 +178,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &model,
                 &revision,
                 dtype.dtype(),
-                max_image_bytes,
-                max_image_pixels,
+                quantize,
+                ImageLimits {
+                    max_bytes: max_image_bytes,
+                    max_pixels: max_image_pixels,
+                },
             )?;
             tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
             let params = generation.apply(pipeline.default_params());

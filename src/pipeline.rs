@@ -4,6 +4,7 @@
 use candle_core::{DType, Device};
 
 use crate::generation::{DecodeBatch, GeneratedSequence, GenerationParams, SequenceRequest};
+use crate::model::linear::Quantization;
 use crate::model::{Blip2Model, ModelError, ModelFiles, ModelSource};
 use crate::preprocess::{ImageLimits, ImageProcessor, PreprocessError};
 use crate::prompt::{PromptBuilder, PromptError};
@@ -31,6 +32,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub limits: ImageLimits,
+    /// Quantise the vision encoder's and language model's linear weights at load.
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +42,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             limits: ImageLimits::default(),
+            quantize: None,
         }
     }
 }
@@ -63,7 +67,8 @@ impl Blip2Pipeline {
     }
 
     pub fn load_files(files: &ModelFiles, options: &LoadOptions) -> Result<Self, PipelineError> {
-        let model = Blip2Model::load(files, options.dtype, &options.device)?;
+        let model =
+            Blip2Model::load_quantized(files, options.dtype, &options.device, options.quantize)?;
         let ignored = model.config.generation.unsupported();
         if !ignored.is_empty() {
             tracing::warn!(

@@ -38,6 +38,8 @@ pub struct ServeOptions {
     /// Reported by `/info`.
     pub model_id: String,
     pub revision: String,
+    /// Reported by `/info`: "none", "q8_0" or "q4k".
+    pub quantize: String,
 }
 
 impl ServeOptions {
@@ -65,6 +67,10 @@ impl ServeOptions {
             shutdown_grace: Duration::from_secs(c.shutdown_grace_s),
             model_id: c.model.clone(),
             revision: c.revision.clone(),
+            quantize: serde_json::to_value(c.quantize)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
         }
     }
 }
@@ -117,6 +123,7 @@ pub async fn run(
         "revision": options.revision,
         "model_type": pipeline.model.config.text.model_type(),
         "dtype": format!("{:?}", pipeline.model.dtype()).to_lowercase(),
+        "quantize": options.quantize,
         "device": "cpu",
         "max_batch_size": options.engine.max_batch_size,
         "max_batch_tokens": options.engine.max_batch_tokens,

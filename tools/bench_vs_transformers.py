@@ -1,24 +1,35 @@
 #!/usr/bin/env python3
-"""One caption, side by side: transformers (f32, torch.inference_mode, all cores) and this
-project's `generate`, on the same checkpoint directory, image and prompt, 20 new tokens forced.
+"""Side-by-side benchmark: transformers (f32, torch.inference_mode, all cores) and this project,
+in one invocation, on the same checkpoint, image and prompt, greedy with --steps new tokens
+forced (min_new_tokens). Not a test: the numbers depend on the machine.
 
-    python tools/bench_vs_transformers.py --model DIR --image IMG [--prompt "a photo of"]
-        [--binary target/release/blip2-server] [--runs 1]
+    python tools/bench_vs_transformers.py --model DIR [--image IMG] [--prompt "a photo of"]
+        [--runs 3] [--steps 20] [--batch 8] [--quantize q8_0 q4k] [--out results.json]
 
-Prints load time, generate time (median of --runs) and peak RSS for each, and the ratio. Each side
-runs in its own process so peak RSS is its own. Not a test: numbers depend on the machine.
+Each side runs in its own process so that its peak RSS is its own:
+  1. transformers: load; per phase (preprocess, vision, Q-Former + projection, prefill, decode
+     step) timed by forward hooks inside a real generate(); one caption end to end; generate()
+     on a batch of --batch images.
+  2. this project, `examples/bench` (release): the same phases, load, peak RSS, the machine's
+     read bandwidth and matmul GFLOP/s, the decode floor; once per --quantize format too, with
+     its logits drift against f32.
+  3. this project's HTTP server (release binary) under 1, 2, 4 and --batch concurrent clients:
+     requests/s, against transformers' offline generate() at batch --batch.
+Build first: cargo build --release --bin blip2-server --example bench
 """
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 def reference(args):
@@ -32,62 +43,150 @@ def reference(args):
     model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
     processor = Blip2Processor.from_pretrained(args.model)
     load = time.perf_counter() - t
-    times, tokens = [], None
-    for _ in range(args.runs):
-        t = time.perf_counter()
-        with torch.inference_mode():
+
+    calls = {}
+
+    def timed(name, module):
+        def pre(_m, _inputs):
+            calls.setdefault(name, []).append([time.perf_counter(), None])
+
+        def post(_m, _inputs, _out):
+            calls[name][-1][1] = time.perf_counter()
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    timed("vision", model.vision_model)
+    timed("qformer", model.qformer)
+    timed("projection", model.language_projection)
+    timed("lm", model.language_model)
+    phases = {k: [] for k in ["preprocess_s", "vision_s", "qformer_s", "prefill_s", "decode_step_s", "caption_s"]}
+    tokens = None
+    with torch.inference_mode():
+        for _ in range(args.runs):
+            calls.clear()
+            t0 = time.perf_counter()
             image = Image.open(args.image).convert("RGB")
             inputs = processor(images=image, text=args.prompt, return_tensors="pt")
-            out = model.generate(**inputs, max_new_tokens=20, min_new_tokens=20)
-        times.append(time.perf_counter() - t)
-        tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"load_s": load, "generate_s": statistics.median(times), "peak_rss": rss,
-                      "tokens": tokens, "transformers": transformers.__version__, "torch": torch.__version__}))
+            t1 = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=args.steps, min_new_tokens=args.steps)
+            t2 = time.perf_counter()
+            span = lambda name, i=0: calls[name][i][1] - calls[name][i][0]
+            phases["preprocess_s"].append(t1 - t0)
+            phases["vision_s"].append(span("vision"))
+            phases["qformer_s"].append(span("qformer") + span("projection"))
+            lm = calls["lm"]
+            phases["prefill_s"].append(lm[0][1] - lm[0][0])
+            phases["decode_step_s"].append(statistics.median(e - s for s, e in lm[1:]))
+            phases["caption_s"].append(t2 - t0)
+            tokens = out[0, -args.steps:].tolist()
+        images = [Image.open(args.image).convert("RGB")] * args.batch
+        batch_times = []
+        for _ in range(max(1, args.runs - 1)):
+            t = time.perf_counter()
+            inputs = processor(images=images, text=[args.prompt] * args.batch, return_tensors="pt", padding=True)
+            model.generate(**inputs, max_new_tokens=args.steps, min_new_tokens=args.steps)
+            batch_times.append(time.perf_counter() - t)
+    result = {k: statistics.median(v) for k, v in phases.items()}
+    result.update({
+        "load_s": load,
+        "batch_generate_s": statistics.median(batch_times),
+        "batch": args.batch,
+        "throughput_batch_rps": args.batch / statistics.median(batch_times),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    })
+    print(json.dumps(result))
 
 
-def ours(args):
-    cmd = [args.binary, "generate", "--model", args.model, "--image", args.image, "--prompt", args.prompt,
-           "--max-new-tokens", "20", "--min-new-tokens", "20", "--json"]
-    times, load, tokens = [], None, None
-    rss = 0
-    for _ in range(args.runs):
-        t = time.perf_counter()
-        p = subprocess.run(["/usr/bin/time", "-f", "RSS_KB=%M"] + cmd, capture_output=True, text=True,
-                           env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
-        if p.returncode != 0:
-            sys.exit(p.stderr)
-        err = re.sub(r"\x1b\[[0-9;]*m", "", p.stderr)
-        load = float(re.search(r"model loaded.*?seconds=([0-9.]+)", err).group(1))
-        times.append(float(re.search(r"generated.*?seconds=([0-9.]+)", err).group(1)))
-        rss = max(rss, int(re.search(r"RSS_KB=(\d+)", err).group(1)) * 1024)
-        tokens = json.loads(p.stdout.splitlines()[0])["token_ids"]
-    return {"load_s": load, "generate_s": statistics.median(times), "peak_rss": rss, "tokens": tokens}
+def run_json(cmd, env=None):
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def ours(args, quantize, logits_file):
+    cmd = [args.bench, "--model", args.model, "--image", args.image, "--prompt", args.prompt,
+           "--runs", str(args.runs), "--steps", str(args.steps), "--batch", str(args.batch),
+           "--quantize", quantize]
+    if quantize == "none":
+        cmd += ["--save-logits", logits_file]
+    else:
+        cmd += ["--compare-logits", logits_file, "--no-hardware"]
+    return run_json(cmd)
+
+
+def http_throughput(args, concurrency_levels):
+    port = 38700
+    server = subprocess.Popen(
+        [args.binary, "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
+         "--max-batch-size", str(max(concurrency_levels)), "--image-cache-size", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2)
+                break
+            except Exception:
+                if server.poll() is not None:
+                    sys.exit("the server exited")
+                time.sleep(1)
+        params = json.dumps({"max_new_tokens": args.steps, "min_new_tokens": args.steps})
+        rows = {}
+        for c in concurrency_levels:
+            p = subprocess.run([sys.executable, os.path.join(HERE, "loadgen.py"), "--url", f"http://127.0.0.1:{port}",
+                                "--image", args.image, "--prompt", args.prompt, "--parameters", params,
+                                "--concurrency", str(c), "--requests", str(c), "--warmup", "1" if c == 1 else "0"],
+                               capture_output=True, text=True, cwd=ROOT)
+            if p.returncode != 0:
+                sys.exit(p.stderr)
+            cells = [x.strip() for x in p.stdout.strip().splitlines()[-1].strip("|").split("|")]
+            rows[c] = {"rps": float(cells[2]), "p50_s": float(cells[3]), "p99_s": float(cells[5])}
+        return rows
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--image", required=True)
+    ap.add_argument("--image", default=os.path.join(ROOT, "tests/fixtures/images/photo_320x240.jpg"))
     ap.add_argument("--prompt", default="a photo of")
-    ap.add_argument("--binary", default=os.path.join(HERE, "..", "target", "release", "blip2-server"))
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--quantize", nargs="*", default=["q8_0", "q4k"])
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "blip2-server"))
+    ap.add_argument("--bench", default=os.path.join(ROOT, "target", "release", "examples", "bench"))
+    ap.add_argument("--out", default="bench-results.json")
+    ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.reference_only:
         return reference(args)
-    p = subprocess.run([sys.executable, __file__, "--reference-only"] + sys.argv[1:], capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(p.stderr)
-    ref = json.loads(p.stdout.strip().splitlines()[-1])
-    mine = ours(args)
-    gib = 1024 ** 3
-    print(f"| | load (s) | generate 20 tokens (s) | peak RSS (GiB) |")
-    print(f"| --- | --- | --- | --- |")
-    print(f"| transformers {ref['transformers']} / torch {ref['torch']} f32 | {ref['load_s']:.1f} | {ref['generate_s']:.2f} | {ref['peak_rss'] / gib:.2f} |")
-    print(f"| blip2-server f32 | {mine['load_s']:.1f} | {mine['generate_s']:.2f} | {mine['peak_rss'] / gib:.2f} |")
-    print(f"generate time ratio (ours / transformers): {mine['generate_s'] / ref['generate_s']:.2f}")
-    print(f"same tokens: {mine['tokens'] == ref['tokens']}")
+    args.image = os.path.abspath(args.image)
+    args.model = os.path.abspath(args.model)
+    results = {"model": args.model, "steps": args.steps, "batch": args.batch, "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_reference:
+        argv = [a for a in sys.argv[1:]]
+        results["transformers"] = run_json([sys.executable, __file__, "--reference-only"] + argv)
+        print("transformers:", json.dumps(results["transformers"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        logits = os.path.join(tmp, "logits.json")
+        for q in ["none"] + args.quantize:
+            results[f"ours_{q}"] = ours(args, q, logits)
+            print(f"ours {q}:", json.dumps(results[f"ours_{q}"]), flush=True)
+    levels = sorted({1, 2, 4, args.batch})
+    results["http"] = http_throughput(args, levels)
+    print("http:", json.dumps(results["http"]), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use super::linear::{linear, Linear};
+use super::linear::{linear, Linear, Quantization, QuantizeScope};
 
 use super::config::{Blip2Config, TextConfig};
 use super::loader::{ModelFiles, SafetensorsWeights};
@@ -44,6 +44,17 @@ pub struct Blip2Model {
 
 impl Blip2Model {
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(files, dtype, device, None)
+    }
+
+    /// As [`Self::load`], with the vision encoder's and the language model's linear weights
+    /// quantised as they are read.
+    pub fn load_quantized(
+        files: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let config = read_config(&files.config)?;
         if dtype == DType::F16 && matches!(config.text, TextConfig::T5(_)) {
             return Err(ModelError::Config(
@@ -51,15 +62,22 @@ impl Blip2Model {
             ));
         }
         let weights = SafetensorsWeights::open(&files.weights)?;
-        Self::from_var_builder(config, weights.into_var_builder(dtype, device))
+        Self::build(config, weights.into_var_builder(dtype, device), quantize)
     }
 
     pub fn from_var_builder(config: Blip2Config, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, vb, None)
+    }
+
+    fn build(config: Blip2Config, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
         let wrap = |e: ModelError| match e {
             ModelError::Tensor(e) => ModelError::Weights(e.to_string()),
             other => other,
         };
-        let vision = VisionEncoder::new(&config.vision, vb.pp("vision_model")).map_err(wrap)?;
+        let vision = {
+            let _q = QuantizeScope::new(quantize);
+            VisionEncoder::new(&config.vision, vb.pp("vision_model")).map_err(wrap)?
+        };
         // transformers keeps `query_tokens` and the Q-Former in f32 when loading in f16
         // (`_keep_in_fp32_modules`); bf16 makes everything bf16.
         let qformer_vb = if vb.dtype() == DType::F16 {
@@ -76,6 +94,7 @@ impl Blip2Model {
         )
         .map_err(|e| wrap(e.into()))?;
         let lm_vb = vb.pp("language_model");
+        let _q = QuantizeScope::new(quantize);
         let language_model = match &config.text {
             TextConfig::Opt(c) => LanguageModel::Opt(OptDecoder::new(c, lm_vb).map_err(wrap)?),
             TextConfig::T5(c) => LanguageModel::T5(T5Model::new(c, lm_vb).map_err(wrap)?),
@@ -104,15 +123,24 @@ impl Blip2Model {
         let pixel_values = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         let vision_states = self.vision.forward(&pixel_values)?;
         let query_states = self.qformer.forward(&vision_states)?;
-        // The reference casts the Q-Former output back to the vision dtype before projecting.
-        let query_embeds = self
-            .language_projection
-            .forward(&query_states.to_dtype(self.dtype)?)?;
+        let query_embeds = self.project(&query_states)?;
         Ok(ImageFeatures {
             vision_states,
             query_states,
             query_embeds,
         })
+    }
+
+    /// The reference casts the Q-Former output back to the vision dtype before projecting.
+    fn project(&self, query_states: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .language_projection
+            .forward(&query_states.to_dtype(self.dtype)?)?)
+    }
+
+    /// Vision states [B, N, D] -> Q-Former -> projected queries [B, Q, D_lm].
+    pub fn project_queries(&self, vision_states: &Tensor) -> Result<Tensor> {
+        self.project(&self.qformer.forward(vision_states)?)
     }
 }
 

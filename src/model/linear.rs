@@ -7,7 +7,16 @@
 //! each weight row once and dot it with every input row, split across threads: the cost is
 //! reading the weights, whatever the batch. Larger inputs (prefill, the vision encoder) use
 //! candle's matmul.
+//!
+//! Quantisation (q8_0, q4k) happens as each weight is loaded, inside a [`QuantizeScope`], so the
+//! f32 copy of a quantised model never exists in full: the loader builds the vision encoder and
+//! the language model in such a scope and everything else (Q-Former, projection, norms,
+//! embeddings) stays in the load dtype.
 
+use std::cell::Cell;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -15,41 +24,135 @@ use rayon::prelude::*;
 /// Row counts up to this take the weight-streaming path.
 pub const SKINNY_ROWS: usize = 16;
 
+/// Weight formats a `--quantize` run may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    Q8_0,
+    Q4K,
+}
+
+impl Quantization {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+}
+
+thread_local! {
+    static QUANTIZE: Cell<Option<Quantization>> = const { Cell::new(None) };
+}
+
+/// While alive, [`Linear::new`] on this thread quantises its weight.
+pub struct QuantizeScope {
+    previous: Option<Quantization>,
+}
+
+impl QuantizeScope {
+    pub fn new(q: Option<Quantization>) -> Self {
+        Self {
+            previous: QUANTIZE.with(|c| c.replace(q)),
+        }
+    }
+}
+
+impl Drop for QuantizeScope {
+    fn drop(&mut self) {
+        QUANTIZE.with(|c| c.set(self.previous));
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// [out, in], contiguous.
+    Dense(Tensor),
+    Quantized {
+        matmul: Arc<QMatMul>,
+        out: usize,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// [out, in], contiguous.
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// From a weight in the checkpoint's [out, in] layout.
+    /// From a weight in the checkpoint's [out, in] layout; quantised inside a [`QuantizeScope`]
+    /// (q4k where the input width is a multiple of 256, else q8_0 where it is a multiple of 32,
+    /// else kept as it is).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self {
-            weight: weight.contiguous()?,
-            bias,
-        })
+        let weight = match QUANTIZE.with(Cell::get) {
+            Some(q) if weight.device().is_cpu() => quantize(&weight, q)?,
+            _ => None,
+        }
+        .unwrap_or(Weight::Dense(weight.contiguous()?));
+        Ok(Self { weight, bias })
     }
+
+    /// The quantised format of the weight, if any.
+    pub fn quantized(&self) -> Option<GgmlDType> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Quantized { matmul, .. } => match matmul.as_ref() {
+                QMatMul::QTensor(t) => Some(t.dtype()),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
+    let (out, k) = weight.dims2()?;
+    let dtype = [q.ggml(), GgmlDType::Q8_0]
+        .into_iter()
+        .find(|d| k % d.block_size() == 0);
+    let Some(dtype) = dtype else { return Ok(None) };
+    let qtensor = QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
+    Ok(Some(Weight::Quantized {
+        matmul: Arc::new(QMatMul::from_qtensor(qtensor)?),
+        out,
+    }))
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let weight = match &self.weight {
+            Weight::Dense(w) => w,
+            Weight::Quantized { matmul, out } => {
+                let dims = xs.dims().to_vec();
+                let k = *dims
+                    .last()
+                    .expect("Linear input has at least one dimension");
+                let rows = xs.elem_count() / k.max(1);
+                let x2 = xs.to_dtype(DType::F32)?.contiguous()?.reshape((rows, k))?;
+                let mut shape = dims;
+                *shape.last_mut().expect("non-empty") = *out;
+                let y = matmul.forward(&x2)?.to_dtype(xs.dtype())?.reshape(shape)?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
+        };
         let dims = xs.dims().to_vec();
         let k = *dims
             .last()
             .expect("Linear input has at least one dimension");
         let rows = xs.elem_count() / k.max(1);
-        let n = self.weight.dim(0)?;
+        let n = weight.dim(0)?;
         let x2 = xs.contiguous()?.reshape((rows, k))?;
         let out = if rows <= SKINNY_ROWS
             && xs.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
+            && weight.dtype() == DType::F32
             && matches!(xs.device(), Device::Cpu)
-            && matches!(self.weight.device(), Device::Cpu)
+            && matches!(weight.device(), Device::Cpu)
         {
             let x = x2.flatten_all()?.to_vec1::<f32>()?;
             // Borrow the weight's storage: copying it would cost what we are saving.
-            let (storage, layout) = self.weight.storage_and_layout();
+            let (storage, layout) = weight.storage_and_layout();
             let (start, end) = layout
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("Linear weight is not contiguous".into()))?;
@@ -63,7 +166,7 @@ impl Module for Linear {
             drop(storage);
             Tensor::from_vec(out, (rows, n), xs.device())?
         } else {
-            x2.matmul(&self.weight.t()?)?
+            x2.matmul(&weight.t()?)?
         };
         let mut shape = dims;
         *shape.last_mut().expect("non-empty") = n;
@@ -255,5 +358,53 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-4, "rows {rows}: {diff}");
         }
+    }
+
+    #[test]
+    fn quantized_weights_stay_close_and_fall_back_by_width() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 512), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 512), &dev).unwrap();
+        let dense = Linear::new(w.clone(), None).unwrap().forward(&x).unwrap();
+        for (q, expected, tol) in [
+            (Quantization::Q8_0, GgmlDType::Q8_0, 0.01),
+            (Quantization::Q4K, GgmlDType::Q4K, 0.12),
+        ] {
+            let lin = {
+                let _scope = QuantizeScope::new(Some(q));
+                Linear::new(w.clone(), None).unwrap()
+            };
+            assert_eq!(lin.quantized(), Some(expected));
+            let y = lin.forward(&x).unwrap();
+            let err = (&y - &dense)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let norm = dense
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(err / norm < tol, "{q:?}: relative error {}", err / norm);
+        }
+        // The scope ends with its value; widths that q4k cannot take fall back to q8_0, and
+        // widths no format takes stay dense.
+        assert_eq!(Linear::new(w.clone(), None).unwrap().quantized(), None);
+        let _scope = QuantizeScope::new(Some(Quantization::Q4K));
+        let narrow = Tensor::randn(0f32, 1.0, (8, 96), &dev).unwrap();
+        assert_eq!(
+            Linear::new(narrow, None).unwrap().quantized(),
+            Some(GgmlDType::Q8_0)
+        );
+        let odd = Tensor::randn(0f32, 1.0, (8, 50), &dev).unwrap();
+        assert_eq!(Linear::new(odd, None).unwrap().quantized(), None);
     }
 }

@@ -1,0 +1,281 @@
+//! Per-phase timings of one checkpoint, the machine's limits, and logits drift (a benchmark,
+//! not a test). `tools/bench_vs_transformers.py` runs it beside transformers.
+//!
+//!     cargo run --release --example bench -- --model DIR [--quantize q8_0|q4k] [--runs 3]
+//!         [--steps 20] [--batch 8] [--save-logits F | --compare-logits F]
+//!
+//! Prints one JSON object: load time, peak RSS, the median time of each phase (preprocess,
+//! vision encoder, Q-Former + projection, prefill, one decode step at batch 1 and at --batch,
+//! one whole caption with --steps new tokens forced), the machine's read bandwidth and f32
+//! matmul GFLOP/s, and the decode floor (language-model weight bytes read per step / bandwidth).
+//! --save-logits writes the first-step logits of four image/prompt pairs; --compare-logits reads
+//! such a file (from an f32 run) and reports cosine, max |diff| and top-1 agreement.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use blip2_server::config::QuantizeName;
+use blip2_server::generation::{DecodeBatch, GenerationParams, SequenceRequest};
+use blip2_server::model::{ModelFiles, TextConfig};
+use blip2_server::{Blip2Pipeline, LoadOptions};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use rayon::prelude::*;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "none")]
+    quantize: QuantizeName,
+    #[arg(long, default_value = "tests/fixtures/images/photo_320x240.jpg")]
+    image: PathBuf,
+    #[arg(long, default_value = "a photo of")]
+    prompt: String,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long)]
+    save_logits: Option<PathBuf>,
+    #[arg(long)]
+    compare_logits: Option<PathBuf>,
+    /// Skip the machine measurements.
+    #[arg(long)]
+    no_hardware: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(f64, T)> {
+    let t = Instant::now();
+    let out = f()?;
+    Ok((t.elapsed().as_secs_f64(), out))
+}
+
+/// Peak resident set size of this process, in bytes.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Read bandwidth in bytes/s: the best of several parallel sums over 1 GiB.
+fn bandwidth() -> f64 {
+    let data = vec![1.0f32; 256 * 1024 * 1024];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        // 16 independent accumulators so the sum vectorises and only memory limits it.
+        let s: f32 = data
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0.0f32; 16];
+                for lane in c.chunks_exact(16) {
+                    for (a, x) in acc.iter_mut().zip(lane) {
+                        *a += x;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (data.len() * 4) as f64 / best
+}
+
+/// f32 matmul GFLOP/s (candle), 512x2560 @ 2560x2560: prefill / vision shaped.
+fn gflops() -> anyhow::Result<f64> {
+    let (m, k, n) = (512, 2560, 2560);
+    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        std::hint::black_box(a.matmul(&b)?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+/// Bytes of language-model weights one decode step reads (every linear layer of the decoder
+/// path and the head; embeddings are looked up, not read whole).
+fn lm_step_bytes(text: &TextConfig, bytes_per_weight: f64) -> f64 {
+    let weights = match text {
+        TextConfig::Opt(c) => {
+            let d = c.hidden_size;
+            c.num_hidden_layers * (4 * d * d + 2 * d * c.ffn_dim) + c.vocab_size * d
+        }
+        TextConfig::T5(c) => {
+            let inner = c.num_heads * c.d_kv;
+            let d = c.d_model;
+            let gated = c.feed_forward_proj.contains("gated");
+            let ffn = if gated { 3 } else { 2 } * d * c.d_ff;
+            // Self-attention q k v o, cross-attention q o (its keys and values are computed
+            // once per request), the feed-forward.
+            c.num_decoder_layers.unwrap_or(c.num_layers) * (4 * d * inner + 2 * d * inner + ffn)
+                + c.vocab_size * d
+        }
+    };
+    weights as f64 * bytes_per_weight
+}
+
+fn first_logits(p: &Blip2Pipeline) -> anyhow::Result<Vec<Vec<f32>>> {
+    let images = [
+        "rgb_640x480.png",
+        "photo_320x240.jpg",
+        "tall_300x1000.png",
+        "rgba_100x37.png",
+    ];
+    let prompts = [
+        None,
+        Some("a photo of"),
+        Some("Question: what is it? Answer:"),
+        None,
+    ];
+    let mut out = Vec::new();
+    for (img, prompt) in images.iter().zip(prompts) {
+        let bytes = std::fs::read(format!("tests/fixtures/images/{img}"))?;
+        let pixels = p.images.pixel_values(&bytes)?;
+        let pv = p.images.batch_tensor(&[pixels], p.model.device())?;
+        let features = p.model.image_features(&pv)?;
+        let request = SequenceRequest::new(p.prompts.build(prompt)?, GenerationParams::default());
+        let batch = DecodeBatch::prefill(&p.model, &p.prompts, &features.query_embeds, &[request])?;
+        out.push(batch.logits().flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let options = LoadOptions {
+        quantize: args.quantize.quantization(),
+        ..LoadOptions::default()
+    };
+    let (load_s, p) = time(|| {
+        Ok(Blip2Pipeline::load_files(
+            &ModelFiles::from_dir(&args.model)?,
+            &options,
+        )?)
+    })?;
+    let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
+    let prompt = p.prompts.build(Some(&args.prompt))?;
+    let forced = |n: usize| GenerationParams {
+        max_new_tokens: n,
+        min_new_tokens: n,
+        ..GenerationParams::default()
+    };
+    let mut phases: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for _ in 0..args.runs {
+        let (t, pixels) = time(|| Ok(p.images.pixel_values(&bytes)?))?;
+        phases.entry("preprocess_s").or_default().push(t);
+        let pv = p.images.batch_tensor(&[pixels], p.model.device())?;
+        let pv = pv.to_dtype(p.model.dtype())?;
+        let (t, vision) = time(|| Ok(p.model.vision.forward(&pv)?))?;
+        phases.entry("vision_s").or_default().push(t);
+        let (t, embeds) = time(|| Ok(p.model.project_queries(&vision)?))?;
+        phases.entry("qformer_s").or_default().push(t);
+        for (b, key, step_key) in [
+            (1, "prefill_s", "decode_step_s"),
+            (args.batch, "prefill_batch_s", "decode_step_batch_s"),
+        ] {
+            let embeds_b = Tensor::cat(&vec![embeds.clone(); b], 0)?;
+            let requests = vec![SequenceRequest::new(prompt.clone(), forced(args.steps + 1)); b];
+            let (t, mut batch) = time(|| {
+                Ok(DecodeBatch::prefill(
+                    &p.model, &p.prompts, &embeds_b, &requests,
+                )?)
+            })?;
+            phases.entry(key).or_default().push(t);
+            let mut steps = Vec::new();
+            for _ in 0..args.steps {
+                steps.push(time(|| Ok(batch.step()?))?.0);
+            }
+            phases.entry(step_key).or_default().push(median(steps));
+        }
+        let (t, _) = time(|| {
+            Ok(p.generate(
+                std::slice::from_ref(&bytes),
+                &[Some(args.prompt.clone())],
+                &[forced(args.steps)],
+            )?)
+        })?;
+        phases.entry("caption_s").or_default().push(t);
+    }
+    let mut report = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "quantize": format!("{:?}", args.quantize).to_lowercase(),
+        "threads": rayon::current_num_threads(),
+        "load_s": load_s,
+        "steps": args.steps,
+        "batch": args.batch,
+    });
+    for (k, v) in phases {
+        report[k] = median(v).into();
+    }
+    let bytes_per_weight = match args.quantize {
+        QuantizeName::None => match p.model.dtype() {
+            DType::F32 => 4.0,
+            _ => 2.0,
+        },
+        QuantizeName::Q8_0 => 34.0 / 32.0,
+        QuantizeName::Q4K => 144.0 / 256.0,
+    };
+    report["lm_step_bytes"] = lm_step_bytes(&p.model.config.text, bytes_per_weight).into();
+    // Before the machine measurements, whose buffers are not the model's.
+    report["peak_rss"] = peak_rss().into();
+    if !args.no_hardware {
+        let bw = bandwidth();
+        report["bandwidth_gb_s"] = (bw / 1e9).into();
+        report["matmul_gflops"] = gflops()?.into();
+        report["decode_floor_s"] =
+            (lm_step_bytes(&p.model.config.text, bytes_per_weight) / bw).into();
+    }
+    if let Some(path) = &args.save_logits {
+        let logits = first_logits(&p)?;
+        std::fs::write(path, serde_json::to_vec(&logits)?)?;
+    }
+    if let Some(path) = &args.compare_logits {
+        let reference: Vec<Vec<f32>> = serde_json::from_slice(&std::fs::read(path)?)?;
+        let ours = first_logits(&p)?;
+        let (mut cos_min, mut max_abs, mut agree) = (f64::MAX, 0f32, 0);
+        for (a, b) in ours.iter().zip(&reference) {
+            let dot: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            cos_min = cos_min.min(dot / (na * nb));
+            for (x, y) in a.iter().zip(b) {
+                max_abs = max_abs.max((x - y).abs());
+            }
+            let argmax = |v: &[f32]| {
+                v.iter()
+                    .enumerate()
+                    .max_by(|x, y| x.1.total_cmp(y.1))
+                    .map(|(i, _)| i)
+            };
+            agree += usize::from(argmax(a) == argmax(b));
+        }
+        report["logits_cosine_min"] = cos_min.into();
+        report["logits_max_abs"] = max_abs.into();
+        report["top1_agreement"] = format!("{agree}/{}", ours.len()).into();
+    }
+    println!("{report}");
+    Ok(())
+}
