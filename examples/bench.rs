@@ -72,6 +72,19 @@ fn peak_rss() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident set size now, in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
 /// Read bandwidth in bytes/s: the best of several parallel sums over 1 GiB.
 fn bandwidth() -> f64 {
     let data = vec![1.0f32; 256 * 1024 * 1024];
@@ -171,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             &options,
         )?)
     })?;
+    let (rss_after_load, peak_after_load) = (rss(), peak_rss());
     let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
     let prompt = p.prompts.build(Some(&args.prompt))?;
     let forced = |n: usize| GenerationParams {
@@ -220,6 +234,8 @@ fn main() -> anyhow::Result<()> {
         "quantize": format!("{:?}", args.quantize).to_lowercase(),
         "threads": rayon::current_num_threads(),
         "load_s": load_s,
+        "rss_after_load": rss_after_load,
+        "peak_rss_after_load": peak_after_load,
         "steps": args.steps,
         "batch": args.batch,
     });

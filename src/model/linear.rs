@@ -67,8 +67,12 @@ impl Drop for QuantizeScope {
 enum Weight {
     /// [out, in], contiguous.
     Dense(Tensor),
+    /// `matmul` serves inputs of up to [`SKINNY_ROWS`] rows (decode: reading the quantised
+    /// weights is the cost); larger inputs (prefill, the vision encoder) are compute-bound and
+    /// multiply by `qtensor` dequantised to f32 for the call.
     Quantized {
         matmul: Arc<QMatMul>,
+        qtensor: Arc<QTensor>,
         out: usize,
     },
 }
@@ -96,10 +100,7 @@ impl Linear {
     pub fn quantized(&self) -> Option<GgmlDType> {
         match &self.weight {
             Weight::Dense(_) => None,
-            Weight::Quantized { matmul, .. } => match matmul.as_ref() {
-                QMatMul::QTensor(t) => Some(t.dtype()),
-                _ => None,
-            },
+            Weight::Quantized { qtensor, .. } => Some(qtensor.dtype()),
         }
     }
 }
@@ -110,9 +111,10 @@ fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
         .into_iter()
         .find(|d| k % d.block_size() == 0);
     let Some(dtype) = dtype else { return Ok(None) };
-    let qtensor = QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
+    let qtensor = Arc::new(QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?);
     Ok(Some(Weight::Quantized {
-        matmul: Arc::new(QMatMul::from_qtensor(qtensor)?),
+        matmul: Arc::new(QMatMul::from_arc(qtensor.clone())?),
+        qtensor,
         out,
     }))
 }
@@ -121,7 +123,11 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let weight = match &self.weight {
             Weight::Dense(w) => w,
-            Weight::Quantized { matmul, out } => {
+            Weight::Quantized {
+                matmul,
+                qtensor,
+                out,
+            } => {
                 let dims = xs.dims().to_vec();
                 let k = *dims
                     .last()
@@ -130,7 +136,12 @@ impl Module for Linear {
                 let x2 = xs.to_dtype(DType::F32)?.contiguous()?.reshape((rows, k))?;
                 let mut shape = dims;
                 *shape.last_mut().expect("non-empty") = *out;
-                let y = matmul.forward(&x2)?.to_dtype(xs.dtype())?.reshape(shape)?;
+                let y = if rows <= SKINNY_ROWS {
+                    matmul.forward(&x2)?
+                } else {
+                    x2.matmul(&qtensor.dequantize(xs.device())?.t()?)?
+                };
+                let y = y.to_dtype(xs.dtype())?.reshape(shape)?;
                 return match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
@@ -220,8 +231,9 @@ fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) 
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! Register tiles of 4 input rows x 2 weight rows: each 8-wide step loads 6 vectors for 8
-    //! FMAs, where one dot product at a time loads 2 per FMA.
+    //! Register tiles of 4 input rows x 2 weight rows (each 8-wide step loads 6 vectors for 8
+    //! FMAs, where one dot product at a time loads 2 per FMA), over column blocks that keep the
+    //! inputs in L1.
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -232,22 +244,27 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Dot products of `R` rows of `x` (starting at row `i0`) with weight rows `w0` and `w1`.
+    /// Partial dot products over `k0..k1` of `R` rows of `x` (starting at row `i0`) with weight
+    /// rows `w0` and `w1`. Each row's sum runs in the same order whatever `R` is, so a row's
+    /// result does not depend on the rows beside it.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const R: usize>(
         x: &[f32],
         k: usize,
         i0: usize,
         w0: &[f32],
         w1: &[f32],
+        k0: usize,
+        k1: usize,
     ) -> ([f32; R], [f32; R]) {
         let mut a0 = [_mm256_setzero_ps(); R];
         let mut a1 = [_mm256_setzero_ps(); R];
-        let k8 = k / 8 * 8;
+        let end8 = k0 + (k1 - k0) / 8 * 8;
         let xp = x.as_ptr().add(i0 * k);
         let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
-        let mut kk = 0;
-        while kk < k8 {
+        let mut kk = k0;
+        while kk < end8 {
             let v0 = _mm256_loadu_ps(p0.add(kk));
             let v1 = _mm256_loadu_ps(p1.add(kk));
             for r in 0..R {
@@ -261,7 +278,7 @@ mod avx2 {
         let mut o1 = [0f32; R];
         for r in 0..R {
             let (mut t0, mut t1) = (0f32, 0f32);
-            for j in k8..k {
+            for j in end8..k1 {
                 let xv = *xp.add(r * k + j);
                 t0 += xv * w0[j];
                 t1 += xv * w1[j];
@@ -272,47 +289,57 @@ mod avx2 {
         (o0, o1)
     }
 
+    /// Inputs are taken `KB` columns at a time so that the slice of `x` in use (up to 16 rows
+    /// x 2 KiB) stays in L1 while every weight row of the block passes over it.
+    const KB: usize = 512;
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) {
         let rows = w_block.len() / k;
-        let mut j = 0;
-        while j < rows {
-            let w0 = &w_block[j * k..(j + 1) * k];
-            // An odd last row pairs with itself; its second result is dropped.
-            let j1 = if j + 1 < rows { j + 1 } else { j };
-            let w1 = &w_block[j1 * k..(j1 + 1) * k];
-            let mut i = 0;
-            while i < m {
-                let take = (m - i).min(4);
-                let mut put = |o0: &[f32], o1: &[f32]| {
-                    for r in 0..take {
-                        out_block[j * m + i + r] = o0[r];
-                        if j1 != j {
-                            out_block[j1 * m + i + r] = o1[r];
+        out_block.fill(0.0);
+        let mut k0 = 0;
+        while k0 < k {
+            let k1 = (k0 + KB).min(k);
+            let mut j = 0;
+            while j < rows {
+                let w0 = &w_block[j * k..(j + 1) * k];
+                // An odd last row pairs with itself; its second result is dropped.
+                let j1 = if j + 1 < rows { j + 1 } else { j };
+                let w1 = &w_block[j1 * k..(j1 + 1) * k];
+                let mut i = 0;
+                while i < m {
+                    let take = (m - i).min(4);
+                    let mut add = |o0: &[f32], o1: &[f32]| {
+                        for r in 0..take {
+                            out_block[j * m + i + r] += o0[r];
+                            if j1 != j {
+                                out_block[j1 * m + i + r] += o1[r];
+                            }
+                        }
+                    };
+                    match take {
+                        4 => {
+                            let (a, b) = tile::<4>(x, k, i, w0, w1, k0, k1);
+                            add(&a, &b)
+                        }
+                        3 => {
+                            let (a, b) = tile::<3>(x, k, i, w0, w1, k0, k1);
+                            add(&a, &b)
+                        }
+                        2 => {
+                            let (a, b) = tile::<2>(x, k, i, w0, w1, k0, k1);
+                            add(&a, &b)
+                        }
+                        _ => {
+                            let (a, b) = tile::<1>(x, k, i, w0, w1, k0, k1);
+                            add(&a, &b)
                         }
                     }
-                };
-                match take {
-                    4 => {
-                        let (a, b) = tile::<4>(x, k, i, w0, w1);
-                        put(&a, &b)
-                    }
-                    3 => {
-                        let (a, b) = tile::<3>(x, k, i, w0, w1);
-                        put(&a, &b)
-                    }
-                    2 => {
-                        let (a, b) = tile::<2>(x, k, i, w0, w1);
-                        put(&a, &b)
-                    }
-                    _ => {
-                        let (a, b) = tile::<1>(x, k, i, w0, w1);
-                        put(&a, &b)
-                    }
+                    i += take;
                 }
-                i += take;
+                j += 2;
             }
-            j += 2;
+            k0 = k1;
         }
     }
 }
@@ -364,36 +391,27 @@ mod tests {
     fn quantized_weights_stay_close_and_fall_back_by_width() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (48, 512), &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (5, 512), &dev).unwrap();
-        let dense = Linear::new(w.clone(), None).unwrap().forward(&x).unwrap();
-        for (q, expected, tol) in [
-            (Quantization::Q8_0, GgmlDType::Q8_0, 0.01),
-            (Quantization::Q4K, GgmlDType::Q4K, 0.12),
-        ] {
-            let lin = {
-                let _scope = QuantizeScope::new(Some(q));
-                Linear::new(w.clone(), None).unwrap()
-            };
-            assert_eq!(lin.quantized(), Some(expected));
-            let y = lin.forward(&x).unwrap();
-            let err = (&y - &dense)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            let norm = dense
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            assert!(err / norm < tol, "{q:?}: relative error {}", err / norm);
+        // Both paths: decode-sized inputs (quantised matmul) and larger ones (dequantised).
+        for rows in [5, SKINNY_ROWS + 3] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 512), &dev).unwrap();
+            let dense = Linear::new(w.clone(), None).unwrap().forward(&x).unwrap();
+            for (q, expected, tol) in [
+                (Quantization::Q8_0, GgmlDType::Q8_0, 0.01),
+                (Quantization::Q4K, GgmlDType::Q4K, 0.12),
+            ] {
+                let lin = {
+                    let _scope = QuantizeScope::new(Some(q));
+                    Linear::new(w.clone(), None).unwrap()
+                };
+                assert_eq!(lin.quantized(), Some(expected));
+                let y = lin.forward(&x).unwrap();
+                let l2 = |t: &Tensor| {
+                    let s: f32 = t.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                    s.sqrt()
+                };
+                let (err, norm) = (l2(&(&y - &dense).unwrap()), l2(&dense));
+                assert!(err / norm < tol, "{q:?}: relative error {}", err / norm);
+            }
         }
         // The scope ends with its value; widths that q4k cannot take fall back to q8_0, and
         // widths no format takes stay dense.

@@ -17,6 +17,11 @@ use super::{ModelError, Result};
 /// transformers' `OPTLearnedPositionalEmbedding.offset`.
 const POSITION_OFFSET: usize = 2;
 
+/// `rows` is `0..batch`: a gather that would change nothing.
+pub fn is_identity(rows: &[usize], batch: usize) -> bool {
+    rows.len() == batch && rows.iter().enumerate().all(|(i, &r)| i == r)
+}
+
 /// Keys and values of every layer for a batch of rows, `[B, H, T, hd]` each.
 #[derive(Debug, Clone)]
 pub struct OptKvCache {
@@ -60,7 +65,17 @@ impl OptKvCache {
     }
 
     /// Keeps only the given batch rows, in that order (rows that finished cost nothing after).
+    /// Every row in place (most greedy and sampling steps) copies nothing.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let batch = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|(k, _)| k.dim(0).ok());
+        if batch.is_some_and(|b| is_identity(rows, b)) {
+            return Ok(());
+        }
         let Some(device) = self
             .layers
             .iter()

@@ -258,8 +258,12 @@ pub struct T5DecoderState {
 }
 
 impl T5DecoderState {
-    /// Keeps only the given batch rows, in that order.
+    /// Keeps only the given batch rows, in that order (nothing is copied when that is every
+    /// row in place, as in most greedy and sampling steps).
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if crate::model::opt::is_identity(rows, self.self_mask.len()) {
+            return Ok(());
+        }
         let idx = Tensor::from_vec(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             rows.len(),
