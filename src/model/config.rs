@@ -554,7 +554,7 @@ impl Blip2Config {
 
     fn validate(&self) -> Result<(), ModelError> {
         let check_heads = |what: &str, hidden: usize, heads: usize| {
-            if heads == 0 || hidden % heads != 0 {
+            if heads == 0 || !hidden.is_multiple_of(heads) {
                 Err(ModelError::Config(format!(
                     "{what}: hidden size {hidden} is not divisible by {heads} attention heads"
                 )))
@@ -572,7 +572,12 @@ impl Blip2Config {
             self.qformer.hidden_size,
             self.qformer.num_attention_heads,
         )?;
-        if self.vision.patch_size == 0 || self.vision.image_size % self.vision.patch_size != 0 {
+        if self.vision.patch_size == 0
+            || !self
+                .vision
+                .image_size
+                .is_multiple_of(self.vision.patch_size)
+        {
             return Err(ModelError::Config(format!(
                 "vision_config: image_size {} is not a multiple of patch_size {}",
                 self.vision.image_size, self.vision.patch_size

@@ -19,6 +19,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::q8::Q8Matrix;
 use rayon::prelude::*;
 
 /// Row counts up to this take the weight-streaming path.
@@ -67,6 +69,8 @@ impl Drop for QuantizeScope {
 enum Weight {
     /// [out, in], contiguous.
     Dense(Tensor),
+    /// q8_0 with our own kernels (no repacked copy: see [`super::q8`]).
+    Q8(Arc<Q8Matrix>),
     /// `matmul` serves inputs of up to [`SKINNY_ROWS`] rows (decode: reading the quantised
     /// weights is the cost); larger inputs (prefill, the vision encoder) are compute-bound and
     /// multiply by `qtensor` dequantised to f32 for the call.
@@ -100,6 +104,7 @@ impl Linear {
     pub fn quantized(&self) -> Option<GgmlDType> {
         match &self.weight {
             Weight::Dense(_) => None,
+            Weight::Q8(_) => Some(GgmlDType::Q8_0),
             Weight::Quantized { qtensor, .. } => Some(qtensor.dtype()),
         }
     }
@@ -111,6 +116,9 @@ fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
         .into_iter()
         .find(|d| k % d.block_size() == 0);
     let Some(dtype) = dtype else { return Ok(None) };
+    if dtype == GgmlDType::Q8_0 {
+        return Ok(Some(Weight::Q8(Arc::new(Q8Matrix::quantize(weight)?))));
+    }
     let qtensor = Arc::new(QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?);
     Ok(Some(Weight::Quantized {
         matmul: Arc::new(QMatMul::from_arc(qtensor.clone())?),
@@ -123,6 +131,27 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let weight = match &self.weight {
             Weight::Dense(w) => w,
+            Weight::Q8(q) => {
+                let dims = xs.dims().to_vec();
+                let k = *dims
+                    .last()
+                    .expect("Linear input has at least one dimension");
+                let rows = xs.elem_count() / k.max(1);
+                let x2 = xs.to_dtype(DType::F32)?.contiguous()?.reshape((rows, k))?;
+                let mut shape = dims;
+                *shape.last_mut().expect("non-empty") = q.out_features();
+                let y = if rows <= SKINNY_ROWS && xs.device().is_cpu() {
+                    let x = x2.flatten_all()?.to_vec1::<f32>()?;
+                    Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())?
+                } else {
+                    x2.matmul(&q.dequantize(xs.device())?.t()?)?
+                };
+                let y = y.to_dtype(xs.dtype())?.reshape(shape)?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
             Weight::Quantized {
                 matmul,
                 qtensor,
@@ -231,9 +260,8 @@ fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) 
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! Register tiles of 4 input rows x 2 weight rows (each 8-wide step loads 6 vectors for 8
-    //! FMAs, where one dot product at a time loads 2 per FMA), over column blocks that keep the
-    //! inputs in L1.
+    //! Register tiles of 4 input rows x 2 weight rows: each 8-wide step loads 6 vectors for 8
+    //! FMAs, where one dot product at a time loads 2 per FMA.
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -289,9 +317,9 @@ mod avx2 {
         (o0, o1)
     }
 
-    /// Inputs are taken `KB` columns at a time so that the slice of `x` in use (up to 16 rows
-    /// x 2 KiB) stays in L1 while every weight row of the block passes over it.
-    const KB: usize = 512;
+    /// Columns per pass. Blocks of 512 (to keep `x` in L1) measured slower on opt-2.7b: the
+    /// weight stream stops being sequential. So one pass.
+    const KB: usize = 1 << 30;
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) {
@@ -340,6 +368,25 @@ mod avx2 {
                 j += 2;
             }
             k0 = k1;
+        }
+    }
+}
+
+/// Asks the kernel to back `len` bytes at `ptr` (a fresh, untouched allocation) with 2 MiB
+/// pages where it can: decode streams gigabytes of weights per step, and with 4 KiB pages the
+/// hardware prefetchers stop at every page boundary. Advice only: failure changes nothing.
+pub fn advise_huge_pages(ptr: *const u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = (ptr as usize).div_ceil(PAGE) * PAGE;
+        let end = (ptr as usize + len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE changes no
+            // contents and no mapping we rely on.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod linear;
 pub mod loader;
 pub mod opt;
+pub mod q8;
 pub mod qformer;
 pub mod t5;
 pub mod vision;

@@ -66,7 +66,7 @@ struct QFormerLayer {
 impl QFormerLayer {
     fn new(cfg: &QFormerConfig, index: usize, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
-        let cross_attention = if index % cfg.cross_attention_frequency == 0 {
+        let cross_attention = if index.is_multiple_of(cfg.cross_attention_frequency) {
             Some(QFormerAttention::new(
                 cfg,
                 cfg.encoder_hidden_size,
