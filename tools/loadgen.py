@@ -85,7 +85,7 @@ def main():
         if errors:
             raise SystemExit(f"concurrency {c}: {len(errors)} errors, first {errors[0]}")
         print(
-            f"| {c} | {len(lat)} | {len(lat) / wall:.2f} | {percentile(lat, 50):.3f} | "
+            f"| {c} | {len(lat)} | {len(lat) / wall:.4f} | {percentile(lat, 50):.3f} | "
             f"{percentile(lat, 95):.3f} | {percentile(lat, 99):.3f} | {statistics.mean(lat):.3f} |",
             flush=True,
         )
