@@ -346,9 +346,11 @@ impl SafetensorsWeights {
         let elems: usize = entry.shape.iter().product();
         let tensor = match entry.dtype {
             // Read straight into the tensor's own buffer: one copy of the weights, not two.
-            DType::F32 if elems * 4 == len => {
-                Tensor::from_vec(read_typed::<f32>(elems, read_into)?, entry.shape.as_slice(), &Device::Cpu)?
-            }
+            DType::F32 if elems * 4 == len => Tensor::from_vec(
+                read_typed::<f32>(elems, read_into)?,
+                entry.shape.as_slice(),
+                &Device::Cpu,
+            )?,
             DType::F16 if elems * 2 == len => Tensor::from_vec(
                 read_typed::<half::f16>(elems, read_into)?,
                 entry.shape.as_slice(),
