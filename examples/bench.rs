@@ -59,30 +59,27 @@ fn time<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(f64, T)> {
     Ok((t.elapsed().as_secs_f64(), out))
 }
 
-/// Peak resident set size of this process, in bytes.
-fn peak_rss() -> u64 {
+/// A `Vm...:` line of /proc/self/status, in bytes (0 where unreadable).
+fn proc_status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
 
+/// Peak resident set size of this process, in bytes.
+fn peak_rss() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
 /// Resident set size now, in bytes.
 fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    proc_status_bytes("VmRSS:")
 }
 
 /// Read bandwidth in bytes/s: the best of several parallel sums over 1 GiB.

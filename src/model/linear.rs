@@ -127,54 +127,57 @@ fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
     }))
 }
 
+impl Linear {
+    /// Flattens `xs` to f32 rows [rows, k], multiplies with `matmul`, restores the shape and
+    /// dtype and adds the bias.
+    fn quantized_forward(
+        &self,
+        xs: &Tensor,
+        out: usize,
+        matmul: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let k = *dims
+            .last()
+            .expect("Linear input has at least one dimension");
+        let rows = xs.elem_count() / k.max(1);
+        let x2 = xs.to_dtype(DType::F32)?.contiguous()?.reshape((rows, k))?;
+        let mut shape = dims;
+        *shape.last_mut().expect("non-empty") = out;
+        let y = matmul(&x2, rows)?.to_dtype(xs.dtype())?.reshape(shape)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let weight = match &self.weight {
             Weight::Dense(w) => w,
             Weight::Q8(q) => {
-                let dims = xs.dims().to_vec();
-                let k = *dims
-                    .last()
-                    .expect("Linear input has at least one dimension");
-                let rows = xs.elem_count() / k.max(1);
-                let x2 = xs.to_dtype(DType::F32)?.contiguous()?.reshape((rows, k))?;
-                let mut shape = dims;
-                *shape.last_mut().expect("non-empty") = q.out_features();
-                let y = if rows <= SKINNY_ROWS && xs.device().is_cpu() {
-                    let x = x2.flatten_all()?.to_vec1::<f32>()?;
-                    Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())?
-                } else {
-                    x2.matmul(&q.dequantize(xs.device())?.t()?)?
-                };
-                let y = y.to_dtype(xs.dtype())?.reshape(shape)?;
-                return match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                };
+                return self.quantized_forward(xs, q.out_features(), |x2, rows| {
+                    if rows <= SKINNY_ROWS && xs.device().is_cpu() {
+                        let x = x2.flatten_all()?.to_vec1::<f32>()?;
+                        Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())
+                    } else {
+                        x2.matmul(&q.dequantize(xs.device())?.t()?)
+                    }
+                })
             }
             Weight::Quantized {
                 matmul,
                 qtensor,
                 out,
             } => {
-                let dims = xs.dims().to_vec();
-                let k = *dims
-                    .last()
-                    .expect("Linear input has at least one dimension");
-                let rows = xs.elem_count() / k.max(1);
-                let x2 = xs.to_dtype(DType::F32)?.contiguous()?.reshape((rows, k))?;
-                let mut shape = dims;
-                *shape.last_mut().expect("non-empty") = *out;
-                let y = if rows <= SKINNY_ROWS {
-                    matmul.forward(&x2)?
-                } else {
-                    x2.matmul(&qtensor.dequantize(xs.device())?.t()?)?
-                };
-                let y = y.to_dtype(xs.dtype())?.reshape(shape)?;
-                return match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                };
+                return self.quantized_forward(xs, *out, |x2, rows| {
+                    if rows <= SKINNY_ROWS {
+                        matmul.forward(x2)
+                    } else {
+                        x2.matmul(&qtensor.dequantize(xs.device())?.t()?)
+                    }
+                })
             }
         };
         let dims = xs.dims().to_vec();
@@ -259,13 +262,14 @@ fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     //! Register tiles of 4 input rows x 2 weight rows: each 8-wide step loads 6 vectors for 8
     //! FMAs, where one dot product at a time loads 2 per FMA.
     use std::arch::x86_64::*;
 
+    /// The sum of a vector's 8 lanes.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));

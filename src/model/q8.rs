@@ -143,6 +143,7 @@ mod vnni {
     //! Blocks of 32 multiplied in integers: |w| (u8) times x·sign(w) (i8) summed by
     //! `vpdpbusd` into 8 lanes, then scaled by both blocks' scales in f32.
     use super::QK;
+    use crate::model::linear::avx2::hsum;
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
@@ -150,14 +151,6 @@ mod vnni {
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     /// Weight rows processed together. One: each task's rows then form a single sequential
@@ -277,15 +270,8 @@ mod avx2 {
     //! Tiles of up to 4 input rows x 2 weight rows: each 8 weights are widened to f32 and
     //! scaled once, then serve every input row of the tile.
     use super::QK;
+    use crate::model::linear::avx2::hsum;
     use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     /// 8 signed bytes at `p`, as f32, times `scale`.
     #[target_feature(enable = "avx2,fma")]
