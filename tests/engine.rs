@@ -254,3 +254,47 @@ fn the_token_budget_serialises_jobs_and_the_image_cache_runs_vision_once() {
     assert_eq!(metrics.queue_depth.get(), 0);
     assert_eq!(metrics.running_requests.get(), 0);
 }
+
+#[test]
+fn a_request_the_model_refuses_fails_alone_and_the_worker_goes_on() {
+    let reference = load();
+    let all = cases();
+    let (handle, thread) = engine::start(
+        load(),
+        EngineConfig {
+            max_wait: std::time::Duration::from_millis(200),
+            ..EngineConfig::default()
+        },
+        Arc::new(Metrics::new().unwrap()),
+    );
+    // More new tokens than the tiny OPT has positions: its prefill fails.
+    let bad = Case {
+        image: all[0].image,
+        prompt: None,
+        params: GenerationParams {
+            max_new_tokens: 500,
+            ..GenerationParams::default()
+        },
+    };
+    let (bad_job, mut bad_rx) = job(&reference, &bad);
+    let (good_job, mut good_rx) = job(&reference, &all[0]);
+    handle.try_submit(bad_job).unwrap();
+    handle.try_submit(good_job).unwrap();
+    let outcome = |rx: &mut mpsc::UnboundedReceiver<JobEvent>| loop {
+        match rx.blocking_recv().expect("job answered") {
+            JobEvent::Token { .. } => {}
+            other => break other,
+        }
+    };
+    match outcome(&mut bad_rx) {
+        JobEvent::Error(e) => assert!(e.contains("positions"), "{e}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // Admitted with it, the good request is unaffected, and later ones are served.
+    assert!(matches!(outcome(&mut good_rx), JobEvent::Done(s) if s[0].token_ids.len() == 12));
+    let (again, mut again_rx) = job(&reference, &all[1]);
+    handle.try_submit(again).unwrap();
+    assert!(matches!(outcome(&mut again_rx), JobEvent::Done(_)));
+    drop(handle);
+    thread.join().unwrap();
+}

@@ -275,45 +275,44 @@ impl<'m> Worker<'m> {
                         .queue_duration
                         .observe((now - job.submitted).as_secs_f64());
                 }
-                let prefilled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.prefill(&admitted)
-                }))
-                .unwrap_or_else(|_| Err("internal error in the model worker".to_string()));
-                match prefilled {
-                    Ok(new) => {
-                        for job in admitted {
-                            costs.push(job_tokens(
-                                self.num_query_tokens(),
-                                &job.prompt,
-                                &job.params,
-                            ));
-                            running.push(Running {
-                                events: job.events,
-                                cancel: job.cancel,
-                                submitted: job.submitted,
-                                last_token: None,
-                            });
-                        }
-                        match batch.as_mut() {
-                            Some(b) => {
-                                if let Err(e) = b.join(new) {
-                                    self.fail_all(
-                                        &mut running,
-                                        &mut costs,
-                                        &mut batch,
-                                        &e.to_string(),
-                                    );
-                                    continue;
-                                }
+                let mut failed = false;
+                for (jobs, prefilled) in self.prefill_groups(admitted) {
+                    let new = match prefilled {
+                        Ok(new) => new,
+                        Err(e) => {
+                            tracing::warn!(error = %e, requests = jobs.len(), "prefill failed");
+                            for job in jobs {
+                                let _ = job.events.send(JobEvent::Error(e.clone()));
                             }
-                            None => batch = Some(new),
+                            continue;
                         }
+                    };
+                    for job in jobs {
+                        costs.push(job_tokens(
+                            self.num_query_tokens(),
+                            &job.prompt,
+                            &job.params,
+                        ));
+                        running.push(Running {
+                            events: job.events,
+                            cancel: job.cancel,
+                            submitted: job.submitted,
+                            last_token: None,
+                        });
                     }
-                    Err(e) => {
-                        for job in admitted {
-                            let _ = job.events.send(JobEvent::Error(e.clone()));
+                    match batch.as_mut() {
+                        Some(b) => {
+                            if let Err(e) = b.join(new) {
+                                self.fail_all(&mut running, &mut costs, &mut batch, &e.to_string());
+                                failed = true;
+                                break;
+                            }
                         }
+                        None => batch = Some(new),
                     }
+                }
+                if failed {
+                    continue;
                 }
             }
             self.metrics.running_requests.set(running.len() as i64);
@@ -387,6 +386,28 @@ impl<'m> Worker<'m> {
             }
             self.metrics.running_requests.set(running.len() as i64);
         }
+    }
+
+    /// Prefills the admitted jobs as one batch; when that fails (a panic included) and there
+    /// are several, each job alone, so that one bad request fails by itself.
+    fn prefill_groups(
+        &mut self,
+        jobs: Vec<Job>,
+    ) -> Vec<(Vec<Job>, Result<DecodeBatch<'m>, String>)> {
+        let attempt = |worker: &mut Self, jobs: &[Job]| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.prefill(jobs)))
+                .unwrap_or_else(|_| Err("internal error in the model worker".to_string()))
+        };
+        let together = attempt(self, &jobs);
+        if together.is_ok() || jobs.len() == 1 {
+            return vec![(jobs, together)];
+        }
+        jobs.into_iter()
+            .map(|job| {
+                let alone = attempt(self, std::slice::from_ref(&job));
+                (vec![job], alone)
+            })
+            .collect()
     }
 
     /// Vision + Q-Former (or the cache) and prefill of newly admitted jobs, as one batch.
