@@ -79,7 +79,7 @@ async fn handle(
         parameters,
         stream,
         many,
-    } = input::read(endpoint, request).await?;
+    } = input::read(endpoint, request, s.limits.max_body_bytes).await?;
     let stream = stream || stream_header;
     let details = parameters.details.unwrap_or(false);
     if images.len() > s.limits.max_images_per_request {

@@ -139,7 +139,20 @@ fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, Api
 }
 
 /// Reads the body by its content type: JSON (also when none is given) or multipart.
-pub async fn read(endpoint: Endpoint, request: Request) -> Result<Input, ApiError> {
+pub async fn read(
+    endpoint: Endpoint,
+    request: Request,
+    max_body_bytes: usize,
+) -> Result<Input, ApiError> {
+    // A declared length over the limit is refused before any of the body is read.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body_bytes as u64) {
+        return Err(too_large());
+    }
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)

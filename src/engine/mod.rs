@@ -362,6 +362,9 @@ impl<'m> Worker<'m> {
                     for (position, sequences) in finished.into_iter().rev() {
                         let r = running.remove(position);
                         costs.remove(position);
+                        // Before the caller hears: a client that reads the metrics after its
+                        // answer must not still count itself.
+                        self.metrics.running_requests.set(running.len() as i64);
                         if sequences
                             .first()
                             .is_some_and(|s| s.finish_reason == FinishReason::Cancelled)
@@ -448,11 +451,11 @@ impl<'m> Worker<'m> {
         error: &str,
     ) {
         tracing::error!(error, requests = running.len(), "batch failed");
+        self.metrics.running_requests.set(0);
         for r in running.drain(..) {
             let _ = r.events.send(JobEvent::Error(error.to_string()));
         }
         costs.clear();
         *batch = None;
-        self.metrics.running_requests.set(0);
     }
 }
