@@ -230,7 +230,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut report = serde_json::json!({
         "model": args.model.display().to_string(),
-        "quantize": format!("{:?}", args.quantize).to_lowercase(),
+        "quantize": args.quantize.as_str(),
         "threads": rayon::current_num_threads(),
         "load_s": load_s,
         "rss_after_load": rss_after_load,

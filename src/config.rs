@@ -44,6 +44,15 @@ pub enum QuantizeName {
 }
 
 impl QuantizeName {
+    /// The name as configured ("none", "q8_0", "q4k").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4k",
+        }
+    }
+
     pub fn quantization(self) -> Option<crate::model::linear::Quantization> {
         use crate::model::linear::Quantization;
         match self {

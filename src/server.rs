@@ -67,10 +67,7 @@ impl ServeOptions {
             shutdown_grace: Duration::from_secs(c.shutdown_grace_s),
             model_id: c.model.clone(),
             revision: c.revision.clone(),
-            quantize: serde_json::to_value(c.quantize)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            quantize: c.quantize.as_str().to_string(),
         }
     }
 }
