@@ -147,7 +147,8 @@ pub struct ServeArgs {
     #[arg(long, env = "BLIP2_MAX_QUEUE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queue: Option<usize>,
-    /// How long an idle worker waits to gather a first batch, in ms [default: 5].
+    /// How long an idle worker holding a first request waits for requests still being received
+    /// or preprocessed, to start them as one batch, in ms [default: 50].
     #[arg(long, env = "BLIP2_MAX_WAIT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,

@@ -262,7 +262,7 @@ fn a_request_the_model_refuses_fails_alone_and_the_worker_goes_on() {
     let (handle, thread) = engine::start(
         load(),
         EngineConfig {
-            max_wait: std::time::Duration::from_millis(200),
+            max_wait: std::time::Duration::from_secs(5),
             ..EngineConfig::default()
         },
         Arc::new(Metrics::new().unwrap()),
@@ -278,8 +278,14 @@ fn a_request_the_model_refuses_fails_alone_and_the_worker_goes_on() {
     };
     let (bad_job, mut bad_rx) = job(&reference, &bad);
     let (good_job, mut good_rx) = job(&reference, &all[0]);
+    // Both on their way before either is queued: the worker waits for the second and admits
+    // them as one group.
+    let incoming = (handle.incoming(), handle.incoming());
     handle.try_submit(bad_job).unwrap();
+    drop(incoming.0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
     handle.try_submit(good_job).unwrap();
+    drop(incoming.1);
     let outcome = |rx: &mut mpsc::UnboundedReceiver<JobEvent>| loop {
         match rx.blocking_recv().expect("job answered") {
             JobEvent::Token { .. } => {}
@@ -295,6 +301,59 @@ fn a_request_the_model_refuses_fails_alone_and_the_worker_goes_on() {
     let (again, mut again_rx) = job(&reference, &all[1]);
     handle.try_submit(again).unwrap();
     assert!(matches!(outcome(&mut again_rx), JobEvent::Done(_)));
+    drop(handle);
+    thread.join().unwrap();
+}
+
+#[test]
+fn an_idle_worker_waits_for_requests_on_their_way_and_no_longer_than_max_wait() {
+    let reference = load();
+    let all = cases();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (handle, thread) = engine::start(
+        load(),
+        EngineConfig {
+            max_wait: std::time::Duration::from_secs(5),
+            ..EngineConfig::default()
+        },
+        metrics.clone(),
+    );
+    let outcome = |rx: &mut mpsc::UnboundedReceiver<JobEvent>| loop {
+        match rx.blocking_recv().expect("job answered") {
+            JobEvent::Token { .. } => {}
+            other => break other,
+        }
+    };
+    // The second request is still being preprocessed when the first is queued: the worker
+    // waits for it, and the two run every step together.
+    let second_on_its_way = handle.incoming();
+    let (first, mut first_rx) = job(&reference, &all[0]);
+    handle.try_submit(first).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (second, mut second_rx) = job(&reference, &all[0]);
+    handle.try_submit(second).unwrap();
+    drop(second_on_its_way);
+    assert!(matches!(outcome(&mut first_rx), JobEvent::Done(_)));
+    assert!(matches!(outcome(&mut second_rx), JobEvent::Done(_)));
+    let steps = metrics.batch_size.get_sample_count();
+    assert!(steps > 0);
+    assert_eq!(metrics.batch_size.get_sample_sum(), 2.0 * steps as f64);
+    drop(handle);
+    thread.join().unwrap();
+
+    // A request that never arrives holds a first one back for max_wait at most.
+    let (handle, thread) = engine::start(
+        load(),
+        EngineConfig {
+            max_wait: std::time::Duration::from_millis(100),
+            ..EngineConfig::default()
+        },
+        Arc::new(Metrics::new().unwrap()),
+    );
+    let _never = handle.incoming();
+    let (lone, mut lone_rx) = job(&reference, &all[0]);
+    handle.try_submit(lone).unwrap();
+    assert!(matches!(outcome(&mut lone_rx), JobEvent::Done(_)));
     drop(handle);
     thread.join().unwrap();
 }

@@ -69,6 +69,9 @@ async fn handle(
     let permit = s.in_flight.clone().try_acquire_owned().map_err(|_| {
         ApiError::overloaded("too many requests in flight (max_concurrent_requests)")
     })?;
+    // Until it is queued (or fails), an idle worker may wait for this request to batch it
+    // with the ones that arrived just before it.
+    let incoming = s.engine.incoming();
     if !s.is_ready() {
         return Err(ApiError::unavailable("the server is not ready"));
     }
@@ -156,6 +159,7 @@ async fn handle(
     }
     let pixels = preprocess_all(&s, images).await?;
     let submitted = submit(&s, pixels, &prompt, &params)?;
+    drop(incoming);
     let guard = CancelOnDrop(submitted.iter().map(|j| j.cancel.clone()).collect());
     let field = match endpoint {
         Endpoint::Caption => "text",

@@ -12,7 +12,7 @@
 
 mod cache;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,9 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most jobs waiting for admission.
     pub max_queue: usize,
-    /// How long an idle worker waits for more jobs before starting a batch with what it has.
+    /// How long an idle worker, given a first job, waits for requests that are still being
+    /// received or preprocessed (see [`EngineHandle::incoming`]) so that a burst starts as one
+    /// batch. With none on their way it starts at once.
     pub max_wait: Duration,
     /// Recent images whose query embeddings are kept (0 = no cache).
     pub image_cache_size: usize,
@@ -47,7 +49,7 @@ impl Default for EngineConfig {
             max_batch_size: 8,
             max_batch_tokens: 32768,
             max_queue: 64,
-            max_wait: Duration::from_millis(5),
+            max_wait: Duration::from_millis(50),
             image_cache_size: 64,
         }
     }
@@ -117,9 +119,29 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
     max_queue: usize,
     metrics: Arc<Metrics>,
+    incoming: Arc<AtomicUsize>,
+}
+
+/// A request on its way to the queue (being read, decoded, preprocessed); see
+/// [`EngineHandle::incoming`]. Dropping it says it has arrived or failed.
+pub struct Incoming(Arc<AtomicUsize>);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl EngineHandle {
+    /// Tells the worker a request is on its way, until the guard is dropped (after
+    /// [`EngineHandle::try_submit`], or on failure). An idle worker holding a first job waits
+    /// for such requests, up to `max_wait`, so that requests arriving together are batched
+    /// together: their vision encoder and prefill run as one batch and they decode in step.
+    pub fn incoming(&self) -> Incoming {
+        self.incoming.fetch_add(1, Ordering::AcqRel);
+        Incoming(self.incoming.clone())
+    }
+
     pub fn try_submit(&self, job: Job) -> Result<(), SubmitError> {
         self.metrics.queue_depth.inc();
         self.tx.try_send(job).map_err(|e| {
@@ -145,10 +167,12 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> (EngineHandle, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.max_queue.max(1));
+    let incoming = Arc::new(AtomicUsize::new(0));
     let handle = EngineHandle {
         tx,
         max_queue: config.max_queue,
         metrics: metrics.clone(),
+        incoming: incoming.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("blip2-model".into())
@@ -159,6 +183,7 @@ pub fn start(
                 config,
                 metrics,
                 rx,
+                incoming,
                 open: true,
                 held: None,
             }
@@ -180,6 +205,8 @@ struct Worker<'m> {
     config: EngineConfig,
     metrics: Arc<Metrics>,
     rx: mpsc::Receiver<Job>,
+    /// Requests on their way to the queue ([`EngineHandle::incoming`]).
+    incoming: Arc<AtomicUsize>,
     cache: FeatureCache,
     /// The queue is still open (some handle is alive).
     open: bool,
@@ -252,7 +279,8 @@ impl<'m> Worker<'m> {
             let mut tokens_in_use: usize = costs.iter().sum();
             let mut admitted = Vec::new();
             if running.is_empty() {
-                // Idle: block for the first job, then gather more for up to max_wait.
+                // Idle: block for the first job, then gather the requests still on their way
+                // (for up to max_wait).
                 let Some(first) = self.next(true) else { return };
                 self.held = Some(first);
                 self.fill(&mut admitted, 0, &mut tokens_in_use);
@@ -261,6 +289,7 @@ impl<'m> Worker<'m> {
                     && self.held.is_none()
                     && admitted.len() < self.config.max_batch_size
                     && Instant::now() < deadline
+                    && (self.incoming.load(Ordering::Acquire) > 0 || !self.rx.is_empty())
                 {
                     std::thread::sleep(Duration::from_micros(200));
                     self.fill(&mut admitted, 0, &mut tokens_in_use);
