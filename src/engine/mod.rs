@@ -444,6 +444,7 @@ impl<'m> Worker<'m> {
 
     /// Vision + Q-Former (or the cache) and prefill of newly admitted jobs, as one batch.
     fn prefill(&mut self, jobs: &[Job]) -> Result<DecodeBatch<'m>, String> {
+        let started = Instant::now();
         let pipeline = self.pipeline;
         let device = pipeline.model.device().clone();
         let (height, width) = (pipeline.images.height, pipeline.images.width);
@@ -459,6 +460,7 @@ impl<'m> Worker<'m> {
                         .map_err(|e| e.to_string())?;
                     Ok(features.query_embeds)
                 })?;
+        let images_done = Instant::now();
         let requests: Vec<SequenceRequest> = jobs
             .iter()
             .map(|j| SequenceRequest {
@@ -467,8 +469,16 @@ impl<'m> Worker<'m> {
                 cancel: Some(j.cancel.clone()),
             })
             .collect();
-        DecodeBatch::prefill(&pipeline.model, &pipeline.prompts, &query_embeds, &requests)
-            .map_err(|e| e.to_string())
+        let batch =
+            DecodeBatch::prefill(&pipeline.model, &pipeline.prompts, &query_embeds, &requests)
+                .map_err(|e| e.to_string())?;
+        tracing::debug!(
+            requests = jobs.len(),
+            images_s = (images_done - started).as_secs_f64(),
+            prefill_s = images_done.elapsed().as_secs_f64(),
+            "admitted"
+        );
+        Ok(batch)
     }
 
     /// The model failed mid-batch: every running job hears why; the worker carries on empty.

@@ -108,6 +108,87 @@ pub(crate) fn scale(xs: &Tensor, factor: f64) -> candle_core::Result<Tensor> {
     }
 }
 
+/// A decode step's attention (one query per row) for f32 CPU tensors: q [B, H, 1, hd] (scaled),
+/// k and v [B, H, T, hd], the additive mask [B, 1, 1, T]. candle's matmul runs two small
+/// matrix products per row and head (512 per layer at batch 8, each with gemm's setup); this
+/// computes them directly, one task per row and head. Masked keys get exactly zero weight,
+/// so a row's result does not depend on how far the batch pads it. `None` for other shapes.
+fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    let (b, h, s, hd) = q.dims4()?;
+    let t = k.dim(2)?;
+    let all_f32 = [q, k, v, mask]
+        .iter()
+        .all(|x| x.dtype() == DType::F32 && x.device().is_cpu());
+    if s != 1 || !all_f32 || mask.dims() != [b, 1, 1, t] || v.dims() != k.dims() {
+        return Ok(None);
+    }
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return Ok(None);
+    };
+    let (Some((k0, k1)), Some((v0, v1))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (kd, vd) = (
+        &kc.as_slice::<f32>()?[k0..k1],
+        &vc.as_slice::<f32>()?[v0..v1],
+    );
+    let mut out = vec![0f32; b * h * hd];
+    out.par_chunks_mut(hd).enumerate().for_each(|(bh, o)| {
+        let (qr, row_mask) = (
+            &q[bh * hd..(bh + 1) * hd],
+            &mask[(bh / h) * t..(bh / h + 1) * t],
+        );
+        let keys = &kd[bh * t * hd..(bh + 1) * t * hd];
+        let values = &vd[bh * t * hd..(bh + 1) * t * hd];
+        let mut scores: Vec<f32> = keys
+            .chunks_exact(hd)
+            .zip(row_mask)
+            .map(|(kr, m)| dot(qr, kr) + m)
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in scores.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for (p, vr) in scores.iter().zip(values.chunks_exact(hd)) {
+            let p = p / sum;
+            if p != 0.0 {
+                for (o, x) in o.iter_mut().zip(vr) {
+                    *o += p * x;
+                }
+            }
+        }
+    });
+    drop((ks, vs));
+    Ok(Some(Tensor::from_vec(out, (b, h, 1, hd), &Device::Cpu)?))
+}
+
+/// A dot product in 8 interleaved partial sums (so that it vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Concatenates `a` and `b` along dim 0 after zero-padding the shorter one along `dim` to the
 /// longer's length, at the front (`front`) or the back.
 pub(crate) fn cat_padded(
@@ -216,13 +297,19 @@ impl OptAttention {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
         };
-        // Scores and softmax in f32 whatever the weights' dtype, as the reference does.
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let ctx = merge_heads(&probs.matmul(&v)?)?;
+        let ctx = match attend_one_query(&q, &k, &v, mask)? {
+            Some(ctx) => ctx,
+            None => {
+                // Scores and softmax in f32 whatever the weights' dtype, as the reference does.
+                let scores = q
+                    .matmul(&k.t()?)?
+                    .to_dtype(DType::F32)?
+                    .broadcast_add(mask)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)?
+            }
+        };
+        let ctx = merge_heads(&ctx)?;
         *cache = Some((k, v));
         Ok(self.out_proj.forward(&ctx)?)
     }
