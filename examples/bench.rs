@@ -172,6 +172,7 @@ fn first_logits(p: &Blip2Pipeline) -> anyhow::Result<Vec<Vec<f32>>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    blip2_server::tuning::init_process();
     let args = Args::parse();
     let options = LoadOptions {
         quantize: args.quantize.quantization(),

@@ -14,6 +14,7 @@ use blip2_server::model::ModelFiles;
 use blip2_server::{Blip2Pipeline, LoadOptions};
 
 fn main() -> anyhow::Result<()> {
+    blip2_server::tuning::init_process();
     let args: Vec<String> = std::env::args().collect();
     let dir = args.get(1).ok_or_else(|| {
         anyhow::anyhow!("usage: decode_throughput <checkpoint dir> [steps] [image]")

@@ -15,5 +15,6 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;
 pub mod server;
+pub mod tuning;
 
 pub use pipeline::{Blip2Pipeline, Generation, LoadOptions, PipelineError};

@@ -87,7 +87,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    blip2_server::model::loader::use_one_malloc_arena();
+    blip2_server::tuning::init_process();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

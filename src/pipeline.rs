@@ -90,7 +90,7 @@ impl Blip2Pipeline {
             files.tokenizer_config.as_deref(),
             &model.config,
         )?;
-        crate::model::loader::keep_freed_memory();
+        crate::tuning::keep_freed_memory();
         Ok(Self {
             model,
             images,
