@@ -82,11 +82,13 @@ fn rss() -> u64 {
     proc_status_bytes("VmRSS:")
 }
 
-/// Read bandwidth in bytes/s: the best of several parallel sums over 1 GiB.
+/// Read bandwidth in bytes/s: the median of 7 parallel sums over 1 GiB. The median, not the
+/// best: one run of an earlier version read 59 GB/s where every other run, before and after, and
+/// a C loop gave 27-36 GB/s, and the best of 5 reported it.
 fn bandwidth() -> f64 {
     let data = vec![1.0f32; 256 * 1024 * 1024];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
+    let mut times = Vec::new();
+    for _ in 0..7 {
         let t = Instant::now();
         // 16 independent accumulators so the sum vectorises and only memory limits it.
         // One long sequential stream per thread, as the decode kernels read weights.
@@ -104,9 +106,9 @@ fn bandwidth() -> f64 {
             })
             .sum();
         std::hint::black_box(s);
-        best = best.min(t.elapsed().as_secs_f64());
+        times.push(t.elapsed().as_secs_f64());
     }
-    (data.len() * 4) as f64 / best
+    (data.len() * 4) as f64 / median(times)
 }
 
 /// f32 matmul GFLOP/s (candle), 512x2560 @ 2560x2560: prefill / vision shaped.
