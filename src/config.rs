@@ -455,6 +455,7 @@ mod tests {
         assert_eq!(c.port, 9001); // flag over file
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.max_queue, ServerConfig::defaults().max_queue);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

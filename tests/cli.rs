@@ -535,6 +535,7 @@ fn serve_settings_layer_and_bad_ones_are_refused() {
         .output()
         .unwrap();
     assert_clean_error(&out, "--model");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
