@@ -255,6 +255,16 @@ fn the_token_budget_serialises_jobs_and_the_image_cache_runs_vision_once() {
     assert_eq!(metrics.running_requests.get(), 0);
 }
 
+/// A job's last event (its tokens skipped).
+fn outcome(rx: &mut mpsc::UnboundedReceiver<JobEvent>) -> JobEvent {
+    loop {
+        match rx.blocking_recv().expect("job answered") {
+            JobEvent::Token { .. } => {}
+            other => return other,
+        }
+    }
+}
+
 #[test]
 fn a_request_the_model_refuses_fails_alone_and_the_worker_goes_on() {
     let reference = load();
@@ -286,12 +296,6 @@ fn a_request_the_model_refuses_fails_alone_and_the_worker_goes_on() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     handle.try_submit(good_job).unwrap();
     drop(incoming.1);
-    let outcome = |rx: &mut mpsc::UnboundedReceiver<JobEvent>| loop {
-        match rx.blocking_recv().expect("job answered") {
-            JobEvent::Token { .. } => {}
-            other => break other,
-        }
-    };
     match outcome(&mut bad_rx) {
         JobEvent::Error(e) => assert!(e.contains("positions"), "{e}"),
         other => panic!("expected an error, got {other:?}"),
@@ -318,12 +322,6 @@ fn an_idle_worker_waits_for_requests_on_their_way_and_no_longer_than_max_wait() 
         },
         metrics.clone(),
     );
-    let outcome = |rx: &mut mpsc::UnboundedReceiver<JobEvent>| loop {
-        match rx.blocking_recv().expect("job answered") {
-            JobEvent::Token { .. } => {}
-            other => break other,
-        }
-    };
     // The second request is still being preprocessed when the first is queued: the worker
     // waits for it, and the two run every step together.
     let second_on_its_way = handle.incoming();

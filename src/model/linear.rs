@@ -221,14 +221,16 @@ impl Module for Linear {
     }
 }
 
+/// Weight rows per parallel task of [`skinny_matmul`].
+const BLOCK_ROWS: usize = 32;
+
 /// `x [m, k] @ w[n, k]^T -> [m, n]`, reading `w` once.
 fn skinny_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    const BLOCK: usize = 32;
     // Output blocks transposed ([n, m]) so each thread writes one contiguous chunk.
     let mut out_t = vec![0f32; n * m];
     out_t
-        .par_chunks_mut(BLOCK * m)
-        .zip(w.par_chunks(BLOCK * k))
+        .par_chunks_mut(BLOCK_ROWS * m)
+        .zip(w.par_chunks(BLOCK_ROWS * k))
         .for_each(|(out_block, w_block)| block(x, m, k, w_block, out_block));
     let mut out = vec![0f32; m * n];
     for j in 0..n {
@@ -333,7 +335,7 @@ pub(crate) mod avx2 {
     /// Columns per pass for `m` input rows: one pass when a single tile holds them all (the
     /// weight stream then stays sequential), else enough to keep the rows' slice within
     /// 16 KiB of L1.
-    pub(crate) fn pass_columns(m: usize, k: usize) -> usize {
+    fn pass_columns(m: usize, k: usize) -> usize {
         if m <= 4 {
             k
         } else {
@@ -341,15 +343,21 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// Weight rows per block, the most [`block`] takes.
-    pub(crate) const MAX_BLOCK_ROWS: usize = 32;
-
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) {
         let rows = w_block.len() / k;
-        assert!(rows <= MAX_BLOCK_ROWS && m <= super::SKINNY_ROWS);
+        assert!(rows <= super::BLOCK_ROWS && m <= super::SKINNY_ROWS);
         // acc[j * m + i]: weight row j with input row i, one lane per column residue mod 8.
-        let mut acc = [_mm256_setzero_ps(); MAX_BLOCK_ROWS * super::SKINNY_ROWS];
+        // Only the `rows * m` in use are zeroed: this runs for every block of every decode step.
+        let mut store =
+            [std::mem::MaybeUninit::<__m256>::uninit(); super::BLOCK_ROWS * super::SKINNY_ROWS];
+        for a in &mut store[..rows * m] {
+            a.write(_mm256_setzero_ps());
+        }
+        // SAFETY: the first `rows * m` entries were just initialised.
+        let acc = std::slice::from_raw_parts_mut(store.as_mut_ptr().cast::<__m256>(), rows * m);
+        // Where an odd last row's second sums go (they are dropped).
+        let mut scratch = [_mm256_setzero_ps(); super::SKINNY_ROWS];
         let end8 = k / 8 * 8;
         let pass = pass_columns(m, k);
         let mut k0 = 0;
@@ -358,12 +366,11 @@ pub(crate) mod avx2 {
             let mut j = 0;
             while j < rows {
                 let w0 = &w_block[j * k..(j + 1) * k];
-                // An odd last row pairs with itself; its second sums go to a scratch.
+                // An odd last row pairs with itself; its second sums go to the scratch.
                 let j1 = if j + 1 < rows { j + 1 } else { j };
                 let w1 = &w_block[j1 * k..(j1 + 1) * k];
                 let (lo, hi) = acc.split_at_mut((j + 1) * m);
                 let a0 = &mut lo[j * m..];
-                let mut scratch = [_mm256_setzero_ps(); super::SKINNY_ROWS];
                 let a1 = if j1 != j {
                     &mut hi[..m]
                 } else {
