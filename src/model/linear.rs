@@ -247,8 +247,15 @@ fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) 
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the features were detected at run time.
-            unsafe { avx2::block(x, m, k, w_block, out_block) };
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the features were detected at run time.
+                unsafe { avx512vl::block(x, m, k, w_block, out_block) };
+            } else {
+                // SAFETY: the features were detected at run time.
+                unsafe { avx2::block(x, m, k, w_block, out_block) };
+            }
             return;
         }
     }
@@ -263,154 +270,193 @@ fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) 
     }
 }
 
+/// The decode kernel, compiled once per instruction set (`$features`) with register tiles of up
+/// to `$tile` input rows x 2 weight rows: each 8-wide step loads `$tile + 2` vectors for
+/// `2 * $tile` FMAs, where one dot product at a time loads 2 per FMA. AVX2 has 16 vector
+/// registers, room for tiles of 4 rows (8 accumulators); AVX-512VL's 32 hold tiles of 8 (16
+/// accumulators, so the FMA latency is hidden twice over), still on 8-lane vectors.
+///
+/// With more than one tile of input rows, the columns run in passes of `pass_columns`, so that
+/// the input rows' slice of a pass stays in L1 while every weight row of the block is dotted
+/// with it. The vector accumulators are carried from pass to pass, so each lane still sums its
+/// columns in order: the result is bit-identical whatever the tile, the pass width or the
+/// number of rows beside it (the two instantiations agree bit for bit).
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
-    //! Register tiles of 4 input rows x 2 weight rows: each 8-wide step loads 6 vectors for 8
-    //! FMAs, where one dot product at a time loads 2 per FMA.
-    //!
-    //! With more than one tile of input rows, the columns run in passes of [`pass_columns`], so
-    //! that the input rows' slice of a pass stays in L1 while every weight row of the block is
-    //! dotted with it (8 rows of 2560 columns are 80 KiB). The vector accumulators are carried
-    //! from pass to pass, so each lane still sums its columns in order: the result is
-    //! bit-identical whatever the pass width or the number of rows beside it.
-    use std::arch::x86_64::*;
+macro_rules! decode_kernel {
+    ($name:ident, $features:literal, $tile:literal) => {
+        pub(crate) mod $name {
+            use std::arch::x86_64::*;
 
-    /// The sum of a vector's 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
+            /// Input rows per register tile.
+            const TILE_ROWS: usize = $tile;
 
-    /// Adds to `a0`/`a1` the lane-wise products over columns `k0..k1` (multiples of 8) of `R`
-    /// rows of `x` (from row `i0`) with weight rows `w0` and `w1`.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize, const PREFETCH: bool>(
-        x: &[f32],
-        k: usize,
-        i0: usize,
-        w0: &[f32],
-        w1: &[f32],
-        k0: usize,
-        k1: usize,
-        a0: &mut [__m256],
-        a1: &mut [__m256],
-    ) {
-        let mut r0 = [_mm256_setzero_ps(); R];
-        let mut r1 = [_mm256_setzero_ps(); R];
-        r0.copy_from_slice(&a0[..R]);
-        r1.copy_from_slice(&a1[..R]);
-        let xp = x.as_ptr().add(i0 * k);
-        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
-        let mut kk = k0;
-        while kk < k1 {
-            if PREFETCH {
-                // Past the end of a row this asks for the rows after it, which come next;
-                // prefetches do not fault, so the end of the matrix needs no care.
-                _mm_prefetch::<_MM_HINT_T1>(p0.wrapping_add(kk + PREFETCH_AHEAD) as *const i8);
-                _mm_prefetch::<_MM_HINT_T1>(p1.wrapping_add(kk + PREFETCH_AHEAD) as *const i8);
+            /// The sum of a vector's 8 lanes.
+            #[target_feature(enable = $features)]
+            #[allow(dead_code)]
+            pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                _mm_cvtss_f32(s)
             }
-            let v0 = _mm256_loadu_ps(p0.add(kk));
-            let v1 = _mm256_loadu_ps(p1.add(kk));
-            for r in 0..R {
-                let xv = _mm256_loadu_ps(xp.add(r * k + kk));
-                r0[r] = _mm256_fmadd_ps(xv, v0, r0[r]);
-                r1[r] = _mm256_fmadd_ps(xv, v1, r1[r]);
-            }
-            kk += 8;
-        }
-        a0[..R].copy_from_slice(&r0);
-        a1[..R].copy_from_slice(&r1);
-    }
 
-    /// How far ahead (in columns) the first tile of a weight pair asks for the weights: about
-    /// 4 KiB per stream, into L2. Without it, a step of 8 rows cost the weight read plus the
-    /// arithmetic (the two did not overlap); with it, about 1.5x one row (measured on
-    /// opt-2.7b-sized layers: 21 -> 14 ms a layer at 8 rows, 9.5 -> 9.1 ms at 1).
-    const PREFETCH_AHEAD: usize = 1024;
-
-    /// Columns per pass for `m` input rows: one pass when a single tile holds them all (the
-    /// weight stream then stays sequential), else enough to keep the rows' slice within
-    /// 16 KiB of L1.
-    fn pass_columns(m: usize, k: usize) -> usize {
-        if m <= 4 {
-            k
-        } else {
-            ((16 * 1024 / 4 / m) / 8 * 8).max(64)
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) {
-        let rows = w_block.len() / k;
-        assert!(rows <= super::BLOCK_ROWS && m <= super::SKINNY_ROWS);
-        // acc[j * m + i]: weight row j with input row i, one lane per column residue mod 8.
-        // Only the `rows * m` in use are zeroed: this runs for every block of every decode step.
-        let mut store =
-            [std::mem::MaybeUninit::<__m256>::uninit(); super::BLOCK_ROWS * super::SKINNY_ROWS];
-        for a in &mut store[..rows * m] {
-            a.write(_mm256_setzero_ps());
-        }
-        // SAFETY: the first `rows * m` entries were just initialised.
-        let acc = std::slice::from_raw_parts_mut(store.as_mut_ptr().cast::<__m256>(), rows * m);
-        // Where an odd last row's second sums go (they are dropped).
-        let mut scratch = [_mm256_setzero_ps(); super::SKINNY_ROWS];
-        let end8 = k / 8 * 8;
-        let pass = pass_columns(m, k);
-        let mut k0 = 0;
-        while k0 < end8 {
-            let k1 = (k0 + pass).min(end8);
-            let mut j = 0;
-            while j < rows {
-                let w0 = &w_block[j * k..(j + 1) * k];
-                // An odd last row pairs with itself; its second sums go to the scratch.
-                let j1 = if j + 1 < rows { j + 1 } else { j };
-                let w1 = &w_block[j1 * k..(j1 + 1) * k];
-                let (lo, hi) = acc.split_at_mut((j + 1) * m);
-                let a0 = &mut lo[j * m..];
-                let a1 = if j1 != j {
-                    &mut hi[..m]
-                } else {
-                    &mut scratch[..m]
-                };
-                let mut i = 0;
-                while i < m {
-                    let take = (m - i).min(4);
-                    let (t0, t1) = (&mut a0[i..], &mut a1[i..]);
-                    // The first tile reads the weights from memory: it asks ahead for what
-                    // comes next (later tiles find this pair in L1).
-                    match (take, i == 0) {
-                        (4, true) => tile::<4, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                        (4, false) => tile::<4, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                        (3, true) => tile::<3, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                        (3, false) => tile::<3, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                        (2, true) => tile::<2, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                        (2, false) => tile::<2, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                        (_, true) => tile::<1, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                        (_, false) => tile::<1, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+            /// Adds to `a0`/`a1` the lane-wise products over columns `k0..k1` (multiples of 8) of
+            /// `R` rows of `x` (from row `i0`) with weight rows `w0` and `w1`.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn tile<const R: usize, const PREFETCH: bool>(
+                x: &[f32],
+                k: usize,
+                i0: usize,
+                w0: &[f32],
+                w1: &[f32],
+                k0: usize,
+                k1: usize,
+                a0: &mut [__m256],
+                a1: &mut [__m256],
+            ) {
+                let mut r0 = [_mm256_setzero_ps(); R];
+                let mut r1 = [_mm256_setzero_ps(); R];
+                r0.copy_from_slice(&a0[..R]);
+                r1.copy_from_slice(&a1[..R]);
+                let xp = x.as_ptr().add(i0 * k);
+                let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+                let mut kk = k0;
+                while kk < k1 {
+                    if PREFETCH {
+                        // Past the end of a row this asks for the rows after it, which come next;
+                        // prefetches do not fault, so the end of the matrix needs no care.
+                        _mm_prefetch::<_MM_HINT_T1>(
+                            p0.wrapping_add(kk + PREFETCH_AHEAD) as *const i8
+                        );
+                        _mm_prefetch::<_MM_HINT_T1>(
+                            p1.wrapping_add(kk + PREFETCH_AHEAD) as *const i8
+                        );
                     }
-                    i += take;
+                    let v0 = _mm256_loadu_ps(p0.add(kk));
+                    let v1 = _mm256_loadu_ps(p1.add(kk));
+                    for r in 0..R {
+                        let xv = _mm256_loadu_ps(xp.add(r * k + kk));
+                        r0[r] = _mm256_fmadd_ps(xv, v0, r0[r]);
+                        r1[r] = _mm256_fmadd_ps(xv, v1, r1[r]);
+                    }
+                    kk += 8;
                 }
-                j += 2;
+                a0[..R].copy_from_slice(&r0);
+                a1[..R].copy_from_slice(&r1);
             }
-            k0 = k1;
-        }
-        for j in 0..rows {
-            let w = &w_block[j * k..(j + 1) * k];
-            for i in 0..m {
-                let xr = &x[i * k..(i + 1) * k];
-                let mut tail = 0f32;
-                for c in end8..k {
-                    tail += xr[c] * w[c];
+
+            /// How far ahead (in columns) the first tile of a weight pair asks for the weights:
+            /// about 4 KiB per stream, into L2. Without it, a step of 8 rows cost the weight read
+            /// plus the arithmetic (the two did not overlap); with it, about 1.5x one row (measured
+            /// on opt-2.7b-sized layers: 21 -> 14 ms a layer at 8 rows, 9.5 -> 9.1 ms at 1).
+            const PREFETCH_AHEAD: usize = 1024;
+
+            /// Columns per pass for `m` input rows: one pass when a single tile holds them all (the
+            /// weight stream then stays sequential), else enough to keep the rows' slice within
+            /// 16 KiB of L1.
+            fn pass_columns(m: usize, k: usize) -> usize {
+                if m <= TILE_ROWS {
+                    k
+                } else {
+                    ((16 * 1024 / 4 / m) / 8 * 8).max(64)
                 }
-                out_block[j * m + i] = hsum(acc[j * m + i]) + tail;
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn block(
+                x: &[f32],
+                m: usize,
+                k: usize,
+                w_block: &[f32],
+                out_block: &mut [f32],
+            ) {
+                let rows = w_block.len() / k;
+                assert!(rows <= super::BLOCK_ROWS && m <= super::SKINNY_ROWS);
+                // acc[j * m + i]: weight row j with input row i, one lane per column residue mod 8.
+                // Only the `rows * m` in use are zeroed: this runs for every block of every decode
+                // step.
+                let mut store = [std::mem::MaybeUninit::<__m256>::uninit();
+                    super::BLOCK_ROWS * super::SKINNY_ROWS];
+                for a in &mut store[..rows * m] {
+                    a.write(_mm256_setzero_ps());
+                }
+                // SAFETY: the first `rows * m` entries were just initialised.
+                let acc =
+                    std::slice::from_raw_parts_mut(store.as_mut_ptr().cast::<__m256>(), rows * m);
+                // Where an odd last row's second sums go (they are dropped).
+                let mut scratch = [_mm256_setzero_ps(); super::SKINNY_ROWS];
+                let end8 = k / 8 * 8;
+                let pass = pass_columns(m, k);
+                let mut k0 = 0;
+                while k0 < end8 {
+                    let k1 = (k0 + pass).min(end8);
+                    let mut j = 0;
+                    while j < rows {
+                        let w0 = &w_block[j * k..(j + 1) * k];
+                        // An odd last row pairs with itself; its second sums go to the scratch.
+                        let j1 = if j + 1 < rows { j + 1 } else { j };
+                        let w1 = &w_block[j1 * k..(j1 + 1) * k];
+                        let (lo, hi) = acc.split_at_mut((j + 1) * m);
+                        let a0 = &mut lo[j * m..];
+                        let a1 = if j1 != j {
+                            &mut hi[..m]
+                        } else {
+                            &mut scratch[..m]
+                        };
+                        let mut i = 0;
+                        while i < m {
+                            let take = (m - i).min(TILE_ROWS);
+                            let (t0, t1) = (&mut a0[i..], &mut a1[i..]);
+                            // The first tile reads the weights from memory: it asks ahead for what
+                            // comes next (later tiles find this pair in L1).
+                            match (take, i == 0) {
+                                (8, true) => tile::<8, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (8, false) => tile::<8, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (7, true) => tile::<7, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (7, false) => tile::<7, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (6, true) => tile::<6, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (6, false) => tile::<6, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (5, true) => tile::<5, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (5, false) => tile::<5, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (4, true) => tile::<4, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (4, false) => tile::<4, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (3, true) => tile::<3, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (3, false) => tile::<3, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (2, true) => tile::<2, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (2, false) => tile::<2, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (_, true) => tile::<1, true>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (_, false) => tile::<1, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                            }
+                            i += take;
+                        }
+                        j += 2;
+                    }
+                    k0 = k1;
+                }
+                for j in 0..rows {
+                    let w = &w_block[j * k..(j + 1) * k];
+                    for i in 0..m {
+                        let xr = &x[i * k..(i + 1) * k];
+                        let mut tail = 0f32;
+                        for c in end8..k {
+                            tail += xr[c] * w[c];
+                        }
+                        out_block[j * m + i] = hsum(acc[j * m + i]) + tail;
+                    }
+                }
             }
         }
-    }
+    };
 }
+
+#[cfg(target_arch = "x86_64")]
+decode_kernel!(avx2, "avx2,fma", 4);
+// Measured on opt-2.7b-sized layers (examples/linear_bench, 8 rows): 127 -> 105 ms a pass of
+// eight layers against 77-80 ms for one row; the extra registers let a tile take all 8 rows,
+// so the weights stream once, in order, and the accumulators hide the FMA latency.
+#[cfg(target_arch = "x86_64")]
+decode_kernel!(avx512vl, "avx2,fma,avx512f,avx512vl", 8);
 
 /// Asks the kernel to back `len` bytes at `ptr` (a fresh, untouched allocation) with 2 MiB
 /// pages where it can: decode streams gigabytes of weights per step, and with 4 KiB pages the
@@ -486,6 +532,34 @@ mod tests {
         for m in [1, 3, 5, 8] {
             let part = rows(&lin.forward(&x.narrow(0, 2, m).unwrap()).unwrap());
             assert_eq!(part, all[2..2 + m].to_vec(), "{m} rows");
+        }
+    }
+
+    /// The AVX-512VL build of the kernel (tiles of 8 rows) and the AVX2 one (tiles of 4) sum
+    /// each lane in the same order: servers on either kind of CPU give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn both_kernel_builds_agree_bit_for_bit() {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma") && has!("avx512f") && has!("avx512vl")) {
+            eprintln!("skipped: this CPU lacks AVX-512VL, so only the AVX2 build can run");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (n, k) = (BLOCK_ROWS - 1, 2601);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (SKINNY_ROWS * k,), &dev).unwrap();
+        let x = x.to_vec1::<f32>().unwrap();
+        for m in [1, 4, 5, 8, 9, SKINNY_ROWS] {
+            let x = &x[..m * k];
+            let (mut narrow, mut wide) = (vec![0f32; n * m], vec![0f32; n * m]);
+            // SAFETY: the features were checked above.
+            unsafe {
+                avx2::block(x, m, k, &w, &mut narrow);
+                avx512vl::block(x, m, k, &w, &mut wide);
+            }
+            assert_eq!(narrow, wide, "{m} rows");
         }
     }
 
