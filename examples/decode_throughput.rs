@@ -4,7 +4,7 @@
 //!
 //! For each batch size in 1, 2, 4, 8, 16: one prefill of B identical requests, then `steps`
 //! greedy decode steps forced by `min_new_tokens`; prints the median time per step and the
-//! tokens per second. Decoding reads every weight once per step whatever B is, so a step of
+//! tokens per second (`BATCHES=1,8` runs only those batch sizes). Decoding reads every weight once per step whatever B is, so a step of
 //! batch 8 should cost well under twice a step of batch 1.
 
 use std::time::Instant;
@@ -43,7 +43,12 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| --- | --- | --- | --- | --- |");
     let mut base = None;
-    for b in [1usize, 2, 4, 8, 16] {
+    // BATCHES=1,8: only those batch sizes.
+    let batches: Vec<usize> = match std::env::var("BATCHES") {
+        Ok(list) => list.split(',').map(str::parse).collect::<Result<_, _>>()?,
+        Err(_) => vec![1, 2, 4, 8, 16],
+    };
+    for b in batches {
         let pv = pipeline
             .images
             .batch_tensor(&vec![pixels.clone(); b], pipeline.model.device())?;

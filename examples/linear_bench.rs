@@ -37,7 +37,10 @@ fn main() -> anyhow::Result<()> {
     // HOT=1: one weight (1024 x 2560, 10 MB, within L3) read again and again, so it stays in cache
     // and the pass measures the arithmetic alone.
     let hot = std::env::var("HOT").is_ok();
-    let shapes: Vec<(usize, usize)> = if hot {
+    let shapes: Vec<(usize, usize)> = if let Ok(shape) = std::env::var("SHAPE") {
+        let (n, k) = shape.split_once('x').expect("SHAPE=NxK");
+        vec![(n.parse()?, k.parse()?); 6]
+    } else if hot {
         vec![(1024, d); 6]
     } else {
         vec![(d, d), (d, d), (d, d), (d, d), (f, d), (d, f)]
@@ -66,7 +69,8 @@ fn main() -> anyhow::Result<()> {
         Err(_) => vec![1, 2, 4, 8, 16],
     };
     for m in rows {
-        let inputs: Vec<Tensor> = [d, f]
+        let ks: Vec<usize> = shapes.iter().map(|s| s.1).collect();
+        let inputs: Vec<Tensor> = [ks[0], *ks.last().unwrap()]
             .iter()
             .map(|&k| Tensor::from_vec(random(m * k, k as u64), (m, k), &Device::Cpu))
             .collect::<candle_core::Result<_>>()?;
@@ -74,7 +78,11 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..reps + 1 {
             let t = Instant::now();
             for (lin, inp) in &linears {
-                let x = if *inp == d { &inputs[0] } else { &inputs[1] };
+                let x = if *inp == ks[0] {
+                    &inputs[0]
+                } else {
+                    &inputs[1]
+                };
                 std::hint::black_box(lin.forward(x)?);
             }
             times.push(t.elapsed().as_secs_f64());

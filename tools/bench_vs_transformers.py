@@ -15,6 +15,12 @@ Each side runs in its own process so that its peak RSS is its own:
      its logits drift against f32.
   3. this project's HTTP server (release binary) under 1, 2, 4 and --batch concurrent clients:
      requests/s, against transformers' offline generate() at batch --batch.
+  4. --pairs N (default 3) alternating pairs, each side in a fresh process after one warm-up
+     request: transformers' generate() at batch --batch, then --batch concurrent requests to
+     our server. The machine's speed drifts by up to 30% over minutes (BENCHMARKS.md), so the
+     throughput ratio is taken within each pair, where both sides ran back to back, and the
+     median of the pairs' ratios is reported. (The two cannot run side by side: each holds the
+     whole model in memory.)
 Build first: cargo build --release --bin blip2-server --example bench
 """
 import argparse
@@ -102,6 +108,39 @@ def reference(args):
     print(json.dumps(result))
 
 
+def reference_batch(args):
+    """One generate() at batch --batch after a warm-up caption, in a fresh process."""
+    import torch
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    torch.set_num_threads(os.cpu_count())
+    model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    processor = Blip2Processor.from_pretrained(args.model)
+    image = Image.open(args.image).convert("RGB")
+    with torch.inference_mode():
+        warm = processor(images=image, text=args.prompt, return_tensors="pt")
+        model.generate(**warm, max_new_tokens=2, min_new_tokens=2)
+        t = time.perf_counter()
+        images = [Image.open(args.image).convert("RGB") for _ in range(args.batch)]
+        inputs = processor(images=images, text=[args.prompt] * args.batch, return_tensors="pt", padding=True)
+        model.generate(**inputs, max_new_tokens=args.steps, min_new_tokens=args.steps)
+        elapsed = time.perf_counter() - t
+    print(json.dumps({"batch_generate_s": elapsed, "throughput_batch_rps": args.batch / elapsed}))
+
+
+def paired(args):
+    pairs = []
+    for i in range(args.pairs):
+        ref = run_json([sys.executable, __file__, "--reference-batch-only"] + sys.argv[1:])
+        http = http_throughput(args, [args.batch], warmup=1)[args.batch]
+        pair = {"transformers_batch_rps": ref["throughput_batch_rps"], "http_rps": http["rps"],
+                "ratio": http["rps"] / ref["throughput_batch_rps"]}
+        print(f"pair {i + 1}:", json.dumps(pair), flush=True)
+        pairs.append(pair)
+    return {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs)}
+
+
 def run_json(cmd, env=None):
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
     if p.returncode != 0:
@@ -120,7 +159,9 @@ def ours(args, quantize, logits_file):
     return run_json(cmd)
 
 
-def http_throughput(args, concurrency_levels):
+def http_throughput(args, concurrency_levels, warmup=None):
+    """Requests/s per concurrency level; the first level gets one warm-up request unless
+    `warmup` says otherwise for every level."""
     port = 38700
     server = subprocess.Popen(
         [args.binary, "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
@@ -140,7 +181,7 @@ def http_throughput(args, concurrency_levels):
         for c in concurrency_levels:
             p = subprocess.run([sys.executable, os.path.join(HERE, "loadgen.py"), "--url", f"http://127.0.0.1:{port}",
                                 "--image", args.image, "--prompt", args.prompt, "--parameters", params,
-                                "--concurrency", str(c), "--requests", str(c), "--warmup", "1" if c == 1 else "0"],
+                                "--concurrency", str(c), "--requests", str(c), "--warmup", str(warmup if warmup is not None else int(c == 1))],
                                capture_output=True, text=True, cwd=ROOT)
             if p.returncode != 0:
                 sys.exit(p.stderr)
@@ -164,11 +205,15 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "blip2-server"))
     ap.add_argument("--bench", default=os.path.join(ROOT, "target", "release", "examples", "bench"))
     ap.add_argument("--out", default="bench-results.json")
+    ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reference-batch-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.reference_only:
         return reference(args)
+    if args.reference_batch_only:
+        return reference_batch(args)
     args.image = os.path.abspath(args.image)
     args.model = os.path.abspath(args.model)
     results = {"model": args.model, "steps": args.steps, "batch": args.batch, "date": time.strftime("%Y-%m-%d")}
@@ -184,6 +229,9 @@ def main():
     levels = sorted({1, 2, 4, args.batch})
     results["http"] = http_throughput(args, levels)
     print("http:", json.dumps(results["http"]), flush=True)
+    if args.pairs and not args.skip_reference:
+        results["paired"] = paired(args)
+        print("paired:", json.dumps(results["paired"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")

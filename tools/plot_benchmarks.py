@@ -94,6 +94,16 @@ def tables(results):
         print(f"transformers generate(), batch {b}: {ref['batch_generate_s']:.1f} s = "
               f"{ref['throughput_batch_rps']:.4f} req/s; blip2-server, {b} concurrent HTTP clients: "
               f"{http[b]['rps']:.4f} req/s = {http[b]['rps'] / ref['throughput_batch_rps']:.2f}x.")
+    paired = results.get("paired")
+    if paired:
+        b = results["batch"]
+        print()
+        print(f"| pair (back to back, fresh processes) | transformers generate(batch {b}) req/s | "
+              f"blip2-server {b} HTTP clients req/s | ratio |")
+        print("| --- | --- | --- | --- |")
+        for i, p in enumerate(paired["pairs"], 1):
+            print(f"| {i} | {p['transformers_batch_rps']:.4f} | {p['http_rps']:.4f} | {p['ratio']:.2f}x |")
+        print(f"| median | | | {paired['median_ratio']:.2f}x |")
 
 
 def main():

@@ -303,18 +303,21 @@ macro_rules! decode_kernel {
             /// Adds to `a0`/`a1` the lane-wise products over columns `k0..k1` (multiples of 8) of
             /// `R` rows of `x` (from row `i0`) with weight rows `w0` and `w1`.
             #[target_feature(enable = $features)]
-            #[allow(clippy::too_many_arguments)]
             unsafe fn tile<const R: usize, const PREFETCH: bool>(
-                x: &[f32],
-                k: usize,
+                pair: &Pair,
                 i0: usize,
-                w0: &[f32],
-                w1: &[f32],
-                k0: usize,
-                k1: usize,
                 a0: &mut [__m256],
                 a1: &mut [__m256],
             ) {
+                let Pair {
+                    x,
+                    k,
+                    w0,
+                    w1,
+                    k0,
+                    k1,
+                    ahead,
+                } = *pair;
                 let mut r0 = [_mm256_setzero_ps(); R];
                 let mut r1 = [_mm256_setzero_ps(); R];
                 r0.copy_from_slice(&a0[..R]);
@@ -322,25 +325,24 @@ macro_rules! decode_kernel {
                 let xp = x.as_ptr().add(i0 * k);
                 let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
                 let mut kk = k0;
-                while kk < k1 {
-                    if PREFETCH {
-                        // Past the end of a row this asks for the rows after it, which come next;
-                        // prefetches do not fault, so the end of the matrix needs no care.
-                        _mm_prefetch::<_MM_HINT_T1>(
-                            p0.wrapping_add(kk + PREFETCH_AHEAD) as *const i8
-                        );
-                        _mm_prefetch::<_MM_HINT_T1>(
-                            p1.wrapping_add(kk + PREFETCH_AHEAD) as *const i8
-                        );
+                // Columns before `ahead.switch` ask for `ahead.near` columns ahead in their own
+                // rows; later ones for `ahead.far` (the same point of the rows read next).
+                // Prefetches do not fault, so the end of the matrix needs no care.
+                for (end, dist) in [(ahead.switch.clamp(k0, k1), ahead.near), (k1, ahead.far)] {
+                    while kk < end {
+                        if PREFETCH {
+                            _mm_prefetch::<_MM_HINT_T1>(p0.wrapping_add(kk + dist) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(p1.wrapping_add(kk + dist) as *const i8);
+                        }
+                        let v0 = _mm256_loadu_ps(p0.add(kk));
+                        let v1 = _mm256_loadu_ps(p1.add(kk));
+                        for r in 0..R {
+                            let xv = _mm256_loadu_ps(xp.add(r * k + kk));
+                            r0[r] = _mm256_fmadd_ps(xv, v0, r0[r]);
+                            r1[r] = _mm256_fmadd_ps(xv, v1, r1[r]);
+                        }
+                        kk += 8;
                     }
-                    let v0 = _mm256_loadu_ps(p0.add(kk));
-                    let v1 = _mm256_loadu_ps(p1.add(kk));
-                    for r in 0..R {
-                        let xv = _mm256_loadu_ps(xp.add(r * k + kk));
-                        r0[r] = _mm256_fmadd_ps(xv, v0, r0[r]);
-                        r1[r] = _mm256_fmadd_ps(xv, v1, r1[r]);
-                    }
-                    kk += 8;
                 }
                 a0[..R].copy_from_slice(&r0);
                 a1[..R].copy_from_slice(&r1);
@@ -350,7 +352,30 @@ macro_rules! decode_kernel {
             /// about 4 KiB per stream, into L2. Without it, a step of 8 rows cost the weight read
             /// plus the arithmetic (the two did not overlap); with it, about 1.5x one row (measured
             /// on opt-2.7b-sized layers: 21 -> 14 ms a layer at 8 rows, 9.5 -> 9.1 ms at 1).
+            /// In one pass, the last 4 KiB of a pair ask for the start of the next pair: before,
+            /// they asked for rows already read, and the next pair's second row started with
+            /// demand misses (2560 x 2560 weights at 8 rows: 66 -> 52 ms a pass against 40 at 1).
             const PREFETCH_AHEAD: usize = 1024;
+
+            /// What the first tile of a weight pair prefetches (see `tile`).
+            #[derive(Clone, Copy)]
+            struct Ahead {
+                near: usize,
+                switch: usize,
+                far: usize,
+            }
+
+            /// Two weight rows and the columns of this pass, dotted with tiles of input rows.
+            #[derive(Clone, Copy)]
+            struct Pair<'a> {
+                x: &'a [f32],
+                k: usize,
+                w0: &'a [f32],
+                w1: &'a [f32],
+                k0: usize,
+                k1: usize,
+                ahead: Ahead,
+            }
 
             /// Columns per pass for `m` input rows: one pass when a single tile holds them all (the
             /// weight stream then stays sequential), else enough to keep the rows' slice within
@@ -404,6 +429,30 @@ macro_rules! decode_kernel {
                         } else {
                             &mut scratch[..m]
                         };
+                        let ahead = if pass >= end8 {
+                            // One pass reads the pair whole, then the next pair (rows j + 2 and
+                            // j + 3): near the end of the rows, ask for the start of those.
+                            Ahead {
+                                near: PREFETCH_AHEAD,
+                                switch: k.saturating_sub(PREFETCH_AHEAD),
+                                far: PREFETCH_AHEAD + k,
+                            }
+                        } else {
+                            Ahead {
+                                near: PREFETCH_AHEAD,
+                                switch: k,
+                                far: PREFETCH_AHEAD,
+                            }
+                        };
+                        let pair = Pair {
+                            x,
+                            k,
+                            w0,
+                            w1,
+                            k0,
+                            k1,
+                            ahead,
+                        };
                         let mut i = 0;
                         while i < m {
                             let take = (m - i).min(TILE_ROWS);
@@ -411,22 +460,22 @@ macro_rules! decode_kernel {
                             // The first tile reads the weights from memory: it asks ahead for what
                             // comes next (later tiles find this pair in L1).
                             match (take, i == 0) {
-                                (8, true) => tile::<8, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (8, false) => tile::<8, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (7, true) => tile::<7, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (7, false) => tile::<7, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (6, true) => tile::<6, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (6, false) => tile::<6, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (5, true) => tile::<5, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (5, false) => tile::<5, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (4, true) => tile::<4, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (4, false) => tile::<4, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (3, true) => tile::<3, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (3, false) => tile::<3, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (2, true) => tile::<2, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (2, false) => tile::<2, false>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (_, true) => tile::<1, true>(x, k, i, w0, w1, k0, k1, t0, t1),
-                                (_, false) => tile::<1, false>(x, k, i, w0, w1, k0, k1, t0, t1),
+                                (8, true) => tile::<8, true>(&pair, i, t0, t1),
+                                (8, false) => tile::<8, false>(&pair, i, t0, t1),
+                                (7, true) => tile::<7, true>(&pair, i, t0, t1),
+                                (7, false) => tile::<7, false>(&pair, i, t0, t1),
+                                (6, true) => tile::<6, true>(&pair, i, t0, t1),
+                                (6, false) => tile::<6, false>(&pair, i, t0, t1),
+                                (5, true) => tile::<5, true>(&pair, i, t0, t1),
+                                (5, false) => tile::<5, false>(&pair, i, t0, t1),
+                                (4, true) => tile::<4, true>(&pair, i, t0, t1),
+                                (4, false) => tile::<4, false>(&pair, i, t0, t1),
+                                (3, true) => tile::<3, true>(&pair, i, t0, t1),
+                                (3, false) => tile::<3, false>(&pair, i, t0, t1),
+                                (2, true) => tile::<2, true>(&pair, i, t0, t1),
+                                (2, false) => tile::<2, false>(&pair, i, t0, t1),
+                                (_, true) => tile::<1, true>(&pair, i, t0, t1),
+                                (_, false) => tile::<1, false>(&pair, i, t0, t1),
                             }
                             i += take;
                         }
