@@ -7,20 +7,20 @@ forced (min_new_tokens). Not a test: the numbers depend on the machine.
         [--runs 3] [--steps 20] [--batch 8] [--quantize q8_0 q4k] [--out results.json]
 
 Each side runs in its own process so that its peak RSS is its own:
-  1. transformers: load; per phase (preprocess, vision, Q-Former + projection, prefill, decode
-     step) timed by forward hooks inside a real generate(); one caption end to end; generate()
-     on a batch of --batch images.
-  2. this project, `examples/bench` (release): the same phases, load, peak RSS, the machine's
-     read bandwidth and matmul GFLOP/s, the decode floor; once per --quantize format too, with
-     its logits drift against f32.
-  3. this project's HTTP server (release binary) under 1, 2, 4 and --batch concurrent clients:
-     requests/s, against transformers' offline generate() at batch --batch.
-  4. --pairs N (default 3) alternating pairs, each side in a fresh process after one warm-up
+  1. --pairs N (default 3) alternating pairs, each side in a fresh process after one warm-up
      request: transformers' generate() at batch --batch, then --batch concurrent requests to
      our server. The machine's speed drifts by up to 30% over minutes (BENCHMARKS.md), so the
      throughput ratio is taken within each pair, where both sides ran back to back, and the
      median of the pairs' ratios is reported. (The two cannot run side by side: each holds the
      whole model in memory.)
+  2. transformers: load; per phase (preprocess, vision, Q-Former + projection, prefill, decode
+     step) timed by forward hooks inside a real generate(); one caption end to end; generate()
+     on a batch of --batch images.
+  3. this project, `examples/bench` (release): the same phases, load, peak RSS, the machine's
+     read bandwidth and matmul GFLOP/s, the decode floor; once per --quantize format too, with
+     its logits drift against f32.
+  4. this project's HTTP server (release binary) under 1, 2, 4 and --batch concurrent clients:
+     requests/s, against transformers' offline generate() at batch --batch.
 Build first: cargo build --release --bin blip2-server --example bench
 """
 import argparse
@@ -217,6 +217,9 @@ def main():
     args.image = os.path.abspath(args.image)
     args.model = os.path.abspath(args.model)
     results = {"model": args.model, "steps": args.steps, "batch": args.batch, "date": time.strftime("%Y-%m-%d")}
+    if args.pairs and not args.skip_reference:
+        results["paired"] = paired(args)
+        print("paired:", json.dumps(results["paired"]), flush=True)
     if not args.skip_reference:
         argv = [a for a in sys.argv[1:]]
         results["transformers"] = run_json([sys.executable, __file__, "--reference-only"] + argv)
@@ -229,9 +232,6 @@ def main():
     levels = sorted({1, 2, 4, args.batch})
     results["http"] = http_throughput(args, levels)
     print("http:", json.dumps(results["http"]), flush=True)
-    if args.pairs and not args.skip_reference:
-        results["paired"] = paired(args)
-        print("paired:", json.dumps(results["paired"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
