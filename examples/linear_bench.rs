@@ -7,12 +7,13 @@
 //! times one pass over all of them, as one decode step does, for 1, 2, 4, 8 and 16 input rows.
 //! Prints the median pass time, the read rate it implies and the arithmetic rate.
 //!
-//! `ROWS=1,8` times only those row counts; `HOT=1` reads one 10 MB weight again and again
+//! `Q8=1` quantises the weights to q8_0 first (our q8_0 kernel; 1 byte and an f32 scale per 32); `ROWS=1,8` times only those
+//! row counts; `HOT=1` reads one 10 MB weight again and again
 //! instead (it stays in L3), which times the arithmetic without the memory stream.
 
 use std::time::Instant;
 
-use blip2_server::model::linear::Linear;
+use blip2_server::model::linear::{Linear, Quantization, QuantizeScope};
 use candle_core::{Device, Module, Tensor};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -45,6 +46,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![(d, d), (d, d), (d, d), (d, d), (f, d), (d, f)]
     };
+    let q8 = std::env::var("Q8").is_ok();
+    let _scope = QuantizeScope::new(q8.then_some(Quantization::Q8_0));
     let mut linears = Vec::new();
     let mut bytes = 0usize;
     let mut flops_per_row = 0usize;
@@ -52,7 +55,11 @@ fn main() -> anyhow::Result<()> {
         for (i, &(out, inp)) in shapes.iter().enumerate() {
             let seed = if hot { 1 } else { (l * 10 + i) as u64 };
             let w = Tensor::from_vec(random(out * inp, seed), (out, inp), &Device::Cpu)?;
-            bytes += out * inp * 4;
+            bytes += if q8 {
+                out * inp * 36 / 32
+            } else {
+                out * inp * 4
+            };
             flops_per_row += 2 * out * inp;
             let lin = match (hot, linears.first()) {
                 (true, Some((first, _))) => Linear::clone(first),

@@ -166,7 +166,7 @@ mod vnni {
         i0: usize,
         w: [&[i8]; W],
         s: [&[f32]; W],
-    ) -> [[f32; 2]; W] {
+    ) -> [[f32; R]; W] {
         let nb = k / QK;
         let mut acc = [[_mm256_setzero_ps(); R]; W];
         let zero = _mm256_setzero_si256();
@@ -191,13 +191,22 @@ mod vnni {
                 }
             }
         }
-        let mut out = [[0f32; 2]; W];
+        let mut out = [[0f32; R]; W];
         for t in 0..W {
             for r in 0..R {
                 out[t][r] = hsum(acc[t][r]);
             }
         }
         out
+    }
+
+    /// Input rows per tile: AVX-512VL's 32 vector registers hold 8 accumulators and what each
+    /// needs, and 8 independent FMA chains hide the FMA latency (tiles of 2 waited on it).
+    const TILE_ROWS: usize = 8;
+
+    /// A tile's sums in `TILE_ROWS` slots per weight row (the first `R` filled).
+    fn pad<const R: usize>(o: [[f32; R]; W]) -> [[f32; TILE_ROWS]; W] {
+        std::array::from_fn(|t| std::array::from_fn(|r| if r < R { o[t][r] } else { 0.0 }))
     }
 
     #[target_feature(enable = "avx2,fma,avx512vl,avx512vnni")]
@@ -220,8 +229,8 @@ mod vnni {
             let s: [&[f32]; W] = std::array::from_fn(|t| &scales[js[t] * nb..(js[t] + 1) * nb]);
             let mut i = 0;
             while i < m {
-                let take = (m - i).min(2);
-                let mut put = |o: &[[f32; 2]; W]| {
+                let take = (m - i).min(TILE_ROWS);
+                let mut put = |o: &[[f32; TILE_ROWS]; W]| {
                     for t in 0..W {
                         if j + t < rows {
                             for r in 0..take {
@@ -230,10 +239,15 @@ mod vnni {
                         }
                     }
                 };
-                if take == 2 {
-                    put(&tile::<2>(xq, xd, k, i, w, s));
-                } else {
-                    put(&tile::<1>(xq, xd, k, i, w, s));
+                match take {
+                    8 => put(&tile::<8>(xq, xd, k, i, w, s)),
+                    7 => put(&pad(tile::<7>(xq, xd, k, i, w, s))),
+                    6 => put(&pad(tile::<6>(xq, xd, k, i, w, s))),
+                    5 => put(&pad(tile::<5>(xq, xd, k, i, w, s))),
+                    4 => put(&pad(tile::<4>(xq, xd, k, i, w, s))),
+                    3 => put(&pad(tile::<3>(xq, xd, k, i, w, s))),
+                    2 => put(&pad(tile::<2>(xq, xd, k, i, w, s))),
+                    _ => put(&pad(tile::<1>(xq, xd, k, i, w, s))),
                 }
                 i += take;
             }
@@ -389,7 +403,8 @@ mod tests {
         let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = candle.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(a, b);
-        for m in [1usize, 3, 4, 7] {
+        // 13 rows: a tile of 8 and one of 5 in the integer kernel.
+        for m in [1usize, 3, 4, 7, 13] {
             let x = Tensor::randn(0f32, 1.0, (m, 96), &dev).unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let got = q.skinny_f32(&xs, m);
@@ -416,7 +431,10 @@ mod tests {
                 .sum::<f32>()
                 .sqrt();
             assert!(err / norm < 0.02, "m {m}: relative error {}", err / norm);
-            assert_eq!(&int[..45], &q.skinny(&xs[..96], 1)[..]);
+            for r in 0..m {
+                let alone = q.skinny(&xs[r * 96..(r + 1) * 96], 1);
+                assert_eq!(&int[r * 45..(r + 1) * 45], &alone[..], "m {m}, row {r}");
+            }
         }
     }
 }
