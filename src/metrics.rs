@@ -49,7 +49,7 @@ impl Metrics {
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "blip2_request_duration_seconds",
-                "Time to the response head, by endpoint and status",
+                "Time from the request to the end of its response body (a stream: its last event), by endpoint and status",
             )
             .buckets(latency()),
             &["endpoint", "status"],

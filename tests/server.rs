@@ -635,6 +635,15 @@ async fn full_queue_is_429_a_disconnect_frees_its_slot_and_slow_requests_time_ou
     })
     .await;
     assert!(s.metric("blip2_errors_total{error_type=\"timeout\"}").await >= 2.0);
+    // A stream's duration runs to its last event, not to its head (which came at once): the
+    // timed-out stream (the only 200 here) lasted at least the timeout.
+    let stream_duration =
+        "blip2_request_duration_seconds_{}{endpoint=\"/v1/caption\",status=\"200\"}";
+    wait_until("the stream's duration is recorded", async || {
+        s.metric(&stream_duration.replace("{}", "count")).await == 1.0
+    })
+    .await;
+    assert!(s.metric(&stream_duration.replace("{}", "sum")).await >= 0.3);
     s.stop().await;
 
     // max_concurrent_requests: one request in flight, the next is 429 at once.

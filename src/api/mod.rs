@@ -175,10 +175,6 @@ async fn observe(State(s): State<Arc<AppState>>, request: Request, next: Next) -
         .requests
         .with_label_values(&[&endpoint, &status_label])
         .inc();
-    s.metrics
-        .request_duration
-        .with_label_values(&[&endpoint, &status_label])
-        .observe(elapsed);
     if let Some(ErrorType(kind)) = response.extensions().get::<ErrorType>() {
         s.metrics.errors.with_label_values(&[kind]).inc();
     }
@@ -190,7 +186,62 @@ async fn observe(State(s): State<Arc<AppState>>, request: Request, next: Next) -
         }
     });
     response.headers_mut().insert("x-request-id", id);
-    response
+    // The duration runs to the end of the body (for a stream, its last event; or the client
+    // hanging up), not to the head.
+    let duration = s
+        .metrics
+        .request_duration
+        .with_label_values(&[&endpoint, &status_label]);
+    response.map(|body| {
+        axum::body::Body::new(TimedBody {
+            inner: body,
+            pending: Some((duration, started)),
+        })
+    })
+}
+
+/// A response body that records its request's duration when it ends or is dropped.
+struct TimedBody {
+    inner: axum::body::Body,
+    pending: Option<(prometheus::Histogram, Instant)>,
+}
+
+impl TimedBody {
+    fn finish(&mut self) {
+        if let Some((histogram, started)) = self.pending.take() {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TimedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// The bearer key on /v1/* when one is configured.
