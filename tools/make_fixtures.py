@@ -24,39 +24,7 @@ import json
 import os
 import shutil
 
-# --------------------------------------------------------------------------
-# Version pins (must match tools/requirements.txt)
-# --------------------------------------------------------------------------
-PINS = {
-    "torch": "2.9.1",
-    "transformers": "4.57.6",
-    "Pillow": "13.0.0",
-    "safetensors": "0.8.0",
-    "tokenizers": "0.22.2",
-    "numpy": "2.4.6",
-}
-
-
-def check_versions():
-    import numpy
-    import PIL
-    import safetensors
-    import tokenizers
-    import torch
-    import transformers
-
-    found = {
-        "torch": torch.__version__.split("+")[0],
-        "transformers": transformers.__version__,
-        "Pillow": PIL.__version__,
-        "safetensors": safetensors.__version__,
-        "tokenizers": tokenizers.__version__,
-        "numpy": numpy.__version__,
-    }
-    bad = {k: (found[k], v) for k, v in PINS.items() if found[k] != v}
-    assert not bad, f"version mismatch (found, pinned): {bad}; install tools/requirements.txt"
-    return found
-
+from pins import check_versions  # tools/pins.py
 
 VERSIONS = check_versions()
 
