@@ -6,6 +6,7 @@
 
 pub mod blip2;
 pub mod config;
+pub mod kv;
 pub mod linear;
 pub mod loader;
 pub mod opt;

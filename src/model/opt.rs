@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, LayerNorm, VarBuilder};
 
+use super::kv::KvBuffer;
 use super::linear::{linear_b, Linear};
 
 use super::config::{Activation, OptConfig};
@@ -23,15 +24,15 @@ pub fn is_identity(rows: &[usize], batch: usize) -> bool {
 }
 
 /// Keys and values of every layer for a batch of rows, `[B, H, T, hd]` each.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OptKvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<KvBuffer>>,
 }
 
 impl OptKvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
@@ -40,7 +41,7 @@ impl OptKvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .map(KvBuffer::len)
             .unwrap_or(0)
     }
 
@@ -53,10 +54,7 @@ impl OptKvCache {
     pub fn merge(&mut self, other: OptKvCache) -> Result<()> {
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             *mine = match (mine.take(), theirs) {
-                (Some((ka, va)), Some((kb, vb))) => Some((
-                    cat_padded(&ka, &kb, 2, true)?,
-                    cat_padded(&va, &vb, 2, true)?,
-                )),
+                (Some(a), Some(b)) => Some(a.merge(b, true)?),
                 (None, None) => None,
                 _ => return Err(ModelError::Input("cannot merge an empty KV cache".into())),
             };
@@ -67,32 +65,19 @@ impl OptKvCache {
     /// Keeps only the given batch rows, in that order (rows that finished cost nothing after).
     /// Every row in place (most greedy and sampling steps) copies nothing.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        let batch = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .and_then(|(k, _)| k.dim(0).ok());
-        if batch.is_some_and(|b| is_identity(rows, b)) {
-            return Ok(());
-        }
-        let Some(device) = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone())
-        else {
+        let Some(first) = self.layers.iter().flatten().next() else {
             return Ok(());
         };
+        if is_identity(rows, first.rows()?) {
+            return Ok(());
+        }
         let idx = Tensor::from_vec(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             rows.len(),
-            &device,
+            first.keys()?.device(),
         )?;
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        for buffer in self.layers.iter_mut().flatten() {
+            buffer.select_rows(&idx)?;
         }
         Ok(())
     }
@@ -125,28 +110,38 @@ fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result
     }
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let mask = mask.flatten_all()?.to_vec1::<f32>()?;
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    // Views into a KV buffer ([B, H, capacity, hd], the first t positions) are read in place.
+    let head_major = |x: &Tensor| {
+        let st = x.layout().stride();
+        st[3] == 1 && st[2] == hd && st[0] == h * st[1]
+    };
+    let k = if head_major(k) {
+        k.clone()
+    } else {
+        k.contiguous()?
+    };
+    let v = if head_major(v) {
+        v.clone()
+    } else {
+        v.contiguous()?
+    };
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
         return Ok(None);
     };
-    let (Some((k0, k1)), Some((v0, v1))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let (kd, vd) = (
-        &kc.as_slice::<f32>()?[k0..k1],
-        &vc.as_slice::<f32>()?[v0..v1],
-    );
+    // Where row-and-head `bh`'s t keys (values) start: `start + bh * step`.
+    let (k_start, k_step) = (kl.start_offset(), kl.stride()[1]);
+    let (v_start, v_step) = (vl.start_offset(), vl.stride()[1]);
+    let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
     let mut out = vec![0f32; b * h * hd];
     out.par_chunks_mut(hd).enumerate().for_each(|(bh, o)| {
         let (qr, row_mask) = (
             &q[bh * hd..(bh + 1) * hd],
             &mask[(bh / h) * t..(bh / h + 1) * t],
         );
-        let keys = &kd[bh * t * hd..(bh + 1) * t * hd];
-        let values = &vd[bh * t * hd..(bh + 1) * t * hd];
+        let keys = &kd[k_start + bh * k_step..][..t * hd];
+        let values = &vd[v_start + bh * v_step..][..t * hd];
         let mut scores: Vec<f32> = keys
             .chunks_exact(hd)
             .zip(row_mask)
@@ -281,21 +276,22 @@ impl OptAttention {
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask: &Tensor, cache: &mut Option<KvBuffer>) -> Result<Tensor> {
         let q = split_heads(
             &scale(&self.q_proj.forward(xs)?, self.scaling)?,
             self.num_heads,
         )?;
         let k = split_heads(&self.k_proj.forward(xs)?, self.num_heads)?;
         let v = split_heads(&self.v_proj.forward(xs)?, self.num_heads)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        let (k, v) = match cache {
+            Some(buffer) => {
+                buffer.append(&k, &v)?;
+                (buffer.keys()?, buffer.values()?)
+            }
+            None => {
+                *cache = Some(KvBuffer::new(&k, &v)?);
+                (k, v)
+            }
         };
         let ctx = match attend_one_query(&q, &k, &v, mask)? {
             Some(ctx) => ctx,
@@ -310,7 +306,6 @@ impl OptAttention {
             }
         };
         let ctx = merge_heads(&ctx)?;
-        *cache = Some((k, v));
         Ok(self.out_proj.forward(&ctx)?)
     }
 }
@@ -349,12 +344,7 @@ impl OptLayer {
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask: &Tensor, cache: &mut Option<KvBuffer>) -> Result<Tensor> {
         let h = if self.pre_norm {
             self.self_attn_layer_norm.forward(xs)?
         } else {

@@ -12,6 +12,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
+use super::kv::KvBuffer;
 use super::linear::{linear_no_bias, Linear};
 
 use super::config::{Activation, T5Config};
@@ -247,7 +248,7 @@ struct DecoderBlock {
 /// decoder positions (after [`T5DecoderState::merge`]): their self-attention caches are
 /// left-padded, and each row's position comes from its own mask.
 pub struct T5DecoderState {
-    self_kv: Vec<Option<(Tensor, Tensor)>>,
+    self_kv: Vec<Option<KvBuffer>>,
     /// Per row, one entry per cached decoder position: 1 real, 0 padding.
     self_mask: Vec<Vec<u8>>,
     cross_kv: Vec<(Tensor, Tensor)>,
@@ -269,12 +270,10 @@ impl T5DecoderState {
             rows.len(),
             self.cross_mask.device(),
         )?;
-        for (k, v) in self
-            .self_kv
-            .iter_mut()
-            .flatten()
-            .chain(self.cross_kv.iter_mut())
-        {
+        for buffer in self.self_kv.iter_mut().flatten() {
+            buffer.select_rows(&idx)?;
+        }
+        for (k, v) in self.cross_kv.iter_mut() {
             *k = k.index_select(&idx, 0)?;
             *v = v.index_select(&idx, 0)?;
         }
@@ -290,10 +289,7 @@ impl T5DecoderState {
         let device = self.cross_mask.device().clone();
         for (mine, theirs) in self.self_kv.iter_mut().zip(other.self_kv) {
             *mine = match (mine.take(), theirs) {
-                (Some((ka, va)), Some((kb, vb))) => Some((
-                    crate::model::opt::cat_padded(&ka, &kb, 2, true)?,
-                    crate::model::opt::cat_padded(&va, &vb, 2, true)?,
-                )),
+                (Some(a), Some(b)) => Some(a.merge(b, true)?),
                 (None, None) => None,
                 _ => {
                     return Err(ModelError::Input(
@@ -458,7 +454,7 @@ impl T5Model {
             .map(|b| b.cross_attn.project_kv(encoder_out))
             .collect::<Result<Vec<_>>>()?;
         Ok(T5DecoderState {
-            self_kv: vec![None; self.decoder.len()],
+            self_kv: (0..self.decoder.len()).map(|_| None).collect(),
             self_mask: vec![Vec::new(); mask.len()],
             cross_kv,
             cross_keep: mask.to_vec(),
@@ -495,12 +491,17 @@ impl T5Model {
             let h = block.self_norm.forward(&xs)?;
             let q = split_heads(&block.self_attn.q.forward(&h)?, block.self_attn.num_heads)?;
             let (k, v) = block.self_attn.project_kv(&h)?;
-            let (k, v) = match state.self_kv[i].take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
+            let (k, v) = match &mut state.self_kv[i] {
+                Some(buffer) => {
+                    buffer.append(&k, &v)?;
+                    (buffer.keys()?, buffer.values()?)
+                }
+                None => {
+                    state.self_kv[i] = Some(KvBuffer::new(&k, &v)?);
+                    (k, v)
+                }
             };
             xs = (xs + block.self_attn.attend(&q, &k, &v, bias)?)?;
-            state.self_kv[i] = Some((k, v));
 
             let h = block.cross_norm.forward(&xs)?;
             let q = split_heads(&block.cross_attn.q.forward(&h)?, block.cross_attn.num_heads)?;
