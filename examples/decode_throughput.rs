@@ -4,8 +4,9 @@
 //!
 //! For each batch size in 1, 2, 4, 8, 16: one prefill of B identical requests, then `steps`
 //! greedy decode steps forced by `min_new_tokens`; prints the median time per step and the
-//! tokens per second (`BATCHES=1,8` runs only those batch sizes). Decoding reads every weight once per step whatever B is, so a step of
-//! batch 8 should cost well under twice a step of batch 1.
+//! tokens per second (`BATCHES=1,8` runs only those batch sizes). Decoding reads every weight
+//! once per step whatever B is, so a step of batch 8 should cost well under twice a step of
+//! batch 1.
 
 use std::time::Instant;
 

@@ -7,9 +7,13 @@
 //! times one pass over all of them, as one decode step does, for 1, 2, 4, 8 and 16 input rows.
 //! Prints the median pass time, the read rate it implies and the arithmetic rate.
 //!
-//! `Q8=1` quantises the weights to q8_0 first (our q8_0 kernel; 1 byte and an f32 scale per 32); `ROWS=1,8` times only those
-//! row counts; `HOT=1` reads one 10 MB weight again and again
-//! instead (it stays in L3), which times the arithmetic without the memory stream.
+//! Environment (each switch acts when the variable is set, whatever its value):
+//! - `ROWS=1,8`: only those row counts;
+//! - `SHAPE=NxK`: six weights of N x K instead of a layer's shapes;
+//! - `HOT`: one 10 MB weight read again and again (it stays in L3), which times the arithmetic
+//!   without the memory stream;
+//! - `Q8`: the weights quantised to q8_0 first (our q8_0 kernel; 1 byte per weight and an f32
+//!   scale per 32).
 
 use std::time::Instant;
 

@@ -10,8 +10,10 @@ pub struct Metrics {
     pub registry: Registry,
     /// Requests by endpoint (route) and status code.
     pub requests: IntCounterVec,
-    /// Time to the response head, by endpoint and status (a stream's head is sent at admission;
-    /// its tokens are in time_to_first_token / inter_token_latency).
+    /// Time from the request to the end of its response body, by endpoint and status (for a
+    /// stream, its last event; its tokens are also in time_to_first_token /
+    /// inter_token_latency). Recorded when the body ends, so while streams run its count lags
+    /// `requests`.
     pub request_duration: HistogramVec,
     /// Error answers (and stream error events) by error_type.
     pub errors: IntCounterVec,
@@ -49,7 +51,10 @@ impl Metrics {
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "blip2_request_duration_seconds",
-                "Time from the request to the end of its response body (a stream: its last event), by endpoint and status",
+                concat!(
+                    "Time from the request to the end of its response body ",
+                    "(a stream: its last event), by endpoint and status"
+                ),
             )
             .buckets(latency()),
             &["endpoint", "status"],

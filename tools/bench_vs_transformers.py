@@ -4,7 +4,7 @@ in one invocation, on the same checkpoint, image and prompt, greedy with --steps
 forced (min_new_tokens). Not a test: the numbers depend on the machine.
 
     python tools/bench_vs_transformers.py --model DIR [--image IMG] [--prompt "a photo of"]
-        [--runs 3] [--steps 20] [--batch 8] [--quantize q8_0 q4k] [--out results.json]
+        [--runs 3] [--steps 20] [--batch 8] [--quantize q8_0 q4k] [--pairs 3] [--out results.json]
 
 Each side runs in its own process so that its peak RSS is its own:
   1. --pairs N (default 3) alternating pairs, each side in a fresh process after one warm-up
@@ -132,13 +132,19 @@ def reference_batch(args):
 def paired(args):
     pairs = []
     for i in range(args.pairs):
-        ref = run_json([sys.executable, __file__, "--reference-batch-only"] + sys.argv[1:])
+        ref = run_json([sys.executable, __file__, "--reference-batch-only"] + child_args(args))
         http = http_throughput(args, [args.batch], warmup=1)[args.batch]
         pair = {"transformers_batch_rps": ref["throughput_batch_rps"], "http_rps": http["rps"],
                 "ratio": http["rps"] / ref["throughput_batch_rps"]}
         print(f"pair {i + 1}:", json.dumps(pair), flush=True)
         pairs.append(pair)
     return {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs)}
+
+
+def child_args(args):
+    """This invocation's arguments for a child run from ROOT, with the paths made absolute
+    (argparse keeps the last of a repeated option)."""
+    return sys.argv[1:] + ["--model", args.model, "--image", args.image]
 
 
 def run_json(cmd, env=None):
@@ -160,8 +166,8 @@ def ours(args, quantize, logits_file):
 
 
 def http_throughput(args, concurrency_levels, warmup=None):
-    """Requests/s per concurrency level; the first level gets one warm-up request unless
-    `warmup` says otherwise for every level."""
+    """Requests/s per concurrency level. Warm-up requests: `warmup` before every level when
+    given, else one before the level of 1 client."""
     port = 38700
     server = subprocess.Popen(
         [args.binary, "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
@@ -205,7 +211,8 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "blip2-server"))
     ap.add_argument("--bench", default=os.path.join(ROOT, "target", "release", "examples", "bench"))
     ap.add_argument("--out", default="bench-results.json")
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=lambda v: max(0, int(v)), default=3,
+                    help="back-to-back throughput pairs, run first (0: none; needs the reference)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reference-batch-only", action="store_true", help=argparse.SUPPRESS)
@@ -221,8 +228,7 @@ def main():
         results["paired"] = paired(args)
         print("paired:", json.dumps(results["paired"]), flush=True)
     if not args.skip_reference:
-        argv = [a for a in sys.argv[1:]]
-        results["transformers"] = run_json([sys.executable, __file__, "--reference-only"] + argv)
+        results["transformers"] = run_json([sys.executable, __file__, "--reference-only"] + child_args(args))
         print("transformers:", json.dumps(results["transformers"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         logits = os.path.join(tmp, "logits.json")

@@ -180,9 +180,9 @@ async fn observe(State(s): State<Arc<AppState>>, request: Request, next: Next) -
     }
     span.in_scope(|| {
         if status.is_server_error() {
-            tracing::error!(status = status.as_u16(), seconds = elapsed, "answered");
+            tracing::error!(status = status.as_u16(), head_seconds = elapsed, "answered");
         } else {
-            tracing::info!(status = status.as_u16(), seconds = elapsed, "answered");
+            tracing::info!(status = status.as_u16(), head_seconds = elapsed, "answered");
         }
     });
     response.headers_mut().insert("x-request-id", id);

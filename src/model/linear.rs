@@ -352,7 +352,8 @@ macro_rules! decode_kernel {
             /// about 4 KiB per stream, into L2. Without it, a step of 8 rows cost the weight read
             /// plus the arithmetic (the two did not overlap); with it, about 1.5x one row (measured
             /// on opt-2.7b-sized layers: 21 -> 14 ms a layer at 8 rows, 9.5 -> 9.1 ms at 1).
-            /// In one pass, the last 4 KiB of a pair ask for the start of the next pair: before,
+            /// In one pass over rows of at least this many columns, the last 4 KiB of a pair ask
+            /// for the start of the next pair: before,
             /// they asked for rows already read, and the next pair's second row started with
             /// demand misses (2560 x 2560 weights at 8 rows: 66 -> 52 ms a pass against 40 at 1).
             const PREFETCH_AHEAD: usize = 1024;
@@ -388,6 +389,11 @@ macro_rules! decode_kernel {
                 }
             }
 
+            /// Fills `out_block` ([rows of `w_block`, m]) with the dot products of `x`'s `m`
+            /// rows (`[m, k]`) and `w_block`'s rows (at most `BLOCK_ROWS` of `k`).
+            ///
+            /// # Safety
+            /// The CPU must have `$features` (the caller detects them).
             #[target_feature(enable = $features)]
             pub unsafe fn block(
                 x: &[f32],
@@ -398,6 +404,8 @@ macro_rules! decode_kernel {
             ) {
                 let rows = w_block.len() / k;
                 assert!(rows <= super::BLOCK_ROWS && m <= super::SKINNY_ROWS);
+                // The tiles read x without bounds checks.
+                assert!(x.len() >= m * k && out_block.len() >= rows * m);
                 // acc[j * m + i]: weight row j with input row i, one lane per column residue mod 8.
                 // Only the `rows * m` in use are zeroed: this runs for every block of every decode
                 // step.
@@ -429,7 +437,7 @@ macro_rules! decode_kernel {
                         } else {
                             &mut scratch[..m]
                         };
-                        let ahead = if pass >= end8 {
+                        let ahead = if pass >= end8 && k >= PREFETCH_AHEAD {
                             // One pass reads the pair whole, then the next pair (rows j + 2 and
                             // j + 3): near the end of the rows, ask for the start of those.
                             Ahead {
@@ -595,20 +603,23 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        let (n, k) = (BLOCK_ROWS - 1, 2601);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let x = Tensor::randn(0f32, 1.0, (SKINNY_ROWS * k,), &dev).unwrap();
-        let x = x.to_vec1::<f32>().unwrap();
-        for m in [1, 4, 5, 8, 9, SKINNY_ROWS] {
-            let x = &x[..m * k];
-            let (mut narrow, mut wide) = (vec![0f32; n * m], vec![0f32; n * m]);
-            // SAFETY: the features were checked above.
-            unsafe {
-                avx2::block(x, m, k, &w, &mut narrow);
-                avx512vl::block(x, m, k, &w, &mut wide);
+        let n = BLOCK_ROWS - 1;
+        // Widths with and without a tail past the last 8, below and above the prefetch distance.
+        for k in [7, 8, 1000, 1024, 2601] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let x = Tensor::randn(0f32, 1.0, (SKINNY_ROWS * k,), &dev).unwrap();
+            let x = x.to_vec1::<f32>().unwrap();
+            for m in 1..=SKINNY_ROWS {
+                let x = &x[..m * k];
+                let (mut narrow, mut wide) = (vec![0f32; n * m], vec![0f32; n * m]);
+                // SAFETY: the features were checked above.
+                unsafe {
+                    avx2::block(x, m, k, &w, &mut narrow);
+                    avx512vl::block(x, m, k, &w, &mut wide);
+                }
+                assert_eq!(narrow, wide, "{m} rows of {k}");
             }
-            assert_eq!(narrow, wide, "{m} rows");
         }
     }
 
