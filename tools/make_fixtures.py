@@ -160,6 +160,10 @@ def make_images(img_dir):
         lossless=True,
     )
 
+    # CMYK JPEG (Pillow writes Adobe polarity and reads it back as "CMYK;I"; RGB via cmyk2rgb)
+    cmyk = np.concatenate([_u8(_pattern_rgb(48, 40, rng)), _u8(_pattern_rgb(48, 40, rng)[..., :1])], axis=-1)
+    put("cmyk_48x40.jpg", Image.fromarray(cmyk, "CMYK"), quality=90)
+
     # sanity: decoded modes/sizes are what the names promise
     expect = {
         "rgb_640x480.png": ("RGB", (640, 480)),
@@ -172,6 +176,7 @@ def make_images(img_dir):
         "photo_320x240.jpg": ("RGB", (320, 240)),
         "anim_40x30.gif": ("P", (40, 30)),
         "lossless_50x60.webp": ("RGB", (50, 60)),
+        "cmyk_48x40.jpg": ("CMYK", (48, 40)),
     }
     for name, (mode, size) in expect.items():
         with Image.open(files[name]) as im:

@@ -53,8 +53,22 @@ int blip2_jpeg_info(const uint8_t *data, size_t len, uint32_t *width, uint32_t *
     return 0;
 }
 
+/* Pillow's CMYK -> RGB for one pixel of libjpeg's CMYK output. Pillow reads 4-component JPEGs
+ * with Adobe's inverted polarity (rawmode "CMYK;I": C = 255 - stored, and so on), then converts
+ * as its cmyk2rgb: channel = clip(nk - nk * C / 255), nk = 255 - K, the product rounded as its
+ * MULDIV255. With K = 255 - stored k, nk is the stored k. */
+static void blip2_cmyk_to_rgb(const uint8_t *in, uint8_t *out) {
+    int nk = in[3];
+    for (int c = 0; c < 3; c++) {
+        int tmp = (255 - in[c]) * nk + 128;
+        int v = nk - (((tmp >> 8) + tmp) >> 8);
+        out[c] = (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v));
+    }
+}
+
 /* Decodes to RGB (3 bytes per pixel) into `out`, which holds width * height * 3 bytes as given
- * by blip2_jpeg_info. Grayscale is replicated, as PIL's L -> RGB. Returns 0 on success. */
+ * by blip2_jpeg_info. Grayscale is replicated, as PIL's L -> RGB; CMYK (and YCCK, which libjpeg
+ * turns into CMYK) is converted as Pillow converts it. Returns 0 on success. */
 int blip2_jpeg_decode_rgb(const uint8_t *data, size_t len, uint8_t *out, size_t out_len,
                           char *message, size_t message_len) {
     struct jpeg_decompress_struct cinfo;
@@ -72,13 +86,15 @@ int blip2_jpeg_decode_rgb(const uint8_t *data, size_t len, uint8_t *out, size_t 
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, (const unsigned char *)data, (unsigned long)len);
     jpeg_read_header(&cinfo, TRUE);
-    if (cinfo.num_components != 1 && cinfo.num_components != 3) {
-        snprintf(message, message_len, "JPEG with %d components (CMYK/YCCK) is not supported",
+    if (cinfo.num_components != 1 && cinfo.num_components != 3 && cinfo.num_components != 4) {
+        snprintf(message, message_len, "JPEG with %d components is not supported",
                  cinfo.num_components);
         jpeg_destroy_decompress(&cinfo);
         return 2;
     }
-    cinfo.out_color_space = cinfo.num_components == 1 ? JCS_GRAYSCALE : JCS_RGB;
+    cinfo.out_color_space = cinfo.num_components == 1   ? JCS_GRAYSCALE
+                            : cinfo.num_components == 4 ? JCS_CMYK
+                                                        : JCS_RGB;
     cinfo.dct_method = JDCT_ISLOW;
     cinfo.do_fancy_upsampling = TRUE;
     jpeg_start_decompress(&cinfo);
@@ -101,6 +117,10 @@ int blip2_jpeg_decode_rgb(const uint8_t *data, size_t len, uint8_t *out, size_t 
         uint8_t *dst = out + y * w * 3;
         if (comps == 3) {
             memcpy(dst, row, w * 3);
+        } else if (comps == 4) {
+            for (size_t x = 0; x < w; x++) {
+                blip2_cmyk_to_rgb(row + 4 * x, dst + 3 * x);
+            }
         } else {
             for (size_t x = 0; x < w; x++) {
                 dst[3 * x] = dst[3 * x + 1] = dst[3 * x + 2] = row[x];
