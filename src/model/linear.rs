@@ -276,11 +276,14 @@ fn block(x: &[f32], m: usize, k: usize, w_block: &[f32], out_block: &mut [f32]) 
 /// registers, room for tiles of 4 rows (8 accumulators); AVX-512VL's 32 hold tiles of 8 (16
 /// accumulators, so the FMA latency is hidden twice over), still on 8-lane vectors.
 ///
-/// With more than one tile of input rows, the columns run in passes of `pass_columns`, so that
-/// the input rows' slice of a pass stays in L1 while every weight row of the block is dotted
-/// with it. The vector accumulators are carried from pass to pass, so each lane still sums its
-/// columns in order: the result is bit-identical whatever the tile, the pass width or the
-/// number of rows beside it (the two instantiations agree bit for bit).
+/// With more than one tile of input rows, each weight pair is read in chunks of `pass_columns`
+/// columns, and every tile takes a chunk in turn: the chunk is then read from L1 after the first
+/// tile, the input rows' slice of it stays within L1, and the weights still stream pair after
+/// pair, in order. (Chunking all the block's rows at once instead, chunk after chunk, made 32
+/// interleaved streams: 16 rows cost 490-660 ms a pass of 16 opt-2.7b layers, against 360 ms.)
+/// The vector accumulators are carried from chunk to chunk, so each lane still sums its columns
+/// in order: the result is bit-identical whatever the tile, the chunk width or the number of
+/// rows beside it (the two instantiations agree bit for bit).
 #[cfg(target_arch = "x86_64")]
 macro_rules! decode_kernel {
     ($name:ident, $features:literal, $tile:literal) => {
@@ -352,10 +355,10 @@ macro_rules! decode_kernel {
             /// about 4 KiB per stream, into L2. Without it, a step of 8 rows cost the weight read
             /// plus the arithmetic (the two did not overlap); with it, about 1.5x one row (measured
             /// on opt-2.7b-sized layers: 21 -> 14 ms a layer at 8 rows, 9.5 -> 9.1 ms at 1).
-            /// In one pass over rows of at least this many columns, the last 4 KiB of a pair ask
-            /// for the start of the next pair: before,
-            /// they asked for rows already read, and the next pair's second row started with
-            /// demand misses (2560 x 2560 weights at 8 rows: 66 -> 52 ms a pass against 40 at 1).
+            /// Over rows of at least this many columns, the last 4 KiB of a pair ask for the
+            /// start of the next pair: before, they asked for rows already read, and the next
+            /// pair's second row started with demand misses (2560 x 2560 weights at 8 rows:
+            /// 66 -> 52 ms a pass against 40 at 1).
             const PREFETCH_AHEAD: usize = 1024;
 
             /// What the first tile of a weight pair prefetches (see `tile`).
@@ -366,7 +369,7 @@ macro_rules! decode_kernel {
                 far: usize,
             }
 
-            /// Two weight rows and the columns of this pass, dotted with tiles of input rows.
+            /// Two weight rows and the columns of this chunk, dotted with tiles of input rows.
             #[derive(Clone, Copy)]
             struct Pair<'a> {
                 x: &'a [f32],
@@ -378,9 +381,8 @@ macro_rules! decode_kernel {
                 ahead: Ahead,
             }
 
-            /// Columns per pass for `m` input rows: one pass when a single tile holds them all (the
-            /// weight stream then stays sequential), else enough to keep the rows' slice within
-            /// 16 KiB of L1.
+            /// Columns per chunk for `m` input rows: the whole row when a single tile holds them
+            /// all, else enough to keep the rows' slice within 16 KiB of L1.
             fn pass_columns(m: usize, k: usize) -> usize {
                 if m <= TILE_ROWS {
                     k
@@ -421,11 +423,11 @@ macro_rules! decode_kernel {
                 let mut scratch = [_mm256_setzero_ps(); super::SKINNY_ROWS];
                 let end8 = k / 8 * 8;
                 let pass = pass_columns(m, k);
-                let mut k0 = 0;
-                while k0 < end8 {
-                    let k1 = (k0 + pass).min(end8);
-                    let mut j = 0;
-                    while j < rows {
+                let mut j = 0;
+                while j < rows {
+                    let mut k0 = 0;
+                    while k0 < end8 {
+                        let k1 = (k0 + pass).min(end8);
                         let w0 = &w_block[j * k..(j + 1) * k];
                         // An odd last row pairs with itself; its second sums go to the scratch.
                         let j1 = if j + 1 < rows { j + 1 } else { j };
@@ -437,9 +439,9 @@ macro_rules! decode_kernel {
                         } else {
                             &mut scratch[..m]
                         };
-                        let ahead = if pass >= end8 && k >= PREFETCH_AHEAD {
-                            // One pass reads the pair whole, then the next pair (rows j + 2 and
-                            // j + 3): near the end of the rows, ask for the start of those.
+                        let ahead = if k >= PREFETCH_AHEAD {
+                            // The pair is read whole, then the next pair (rows j + 2 and j + 3):
+                            // near the end of the rows, ask for the start of those.
                             Ahead {
                                 near: PREFETCH_AHEAD,
                                 switch: k.saturating_sub(PREFETCH_AHEAD),
@@ -487,9 +489,9 @@ macro_rules! decode_kernel {
                             }
                             i += take;
                         }
-                        j += 2;
+                        k0 = k1;
                     }
-                    k0 = k1;
+                    j += 2;
                 }
                 for j in 0..rows {
                     let w = &w_block[j * k..(j + 1) * k];
@@ -580,7 +582,7 @@ mod tests {
     #[test]
     fn a_skinny_row_is_bit_identical_whatever_rows_are_beside_it() {
         let dev = Device::Cpu;
-        // 2600 columns: several passes of the multi-tile path, and a tail past the last 8.
+        // 2600 columns: several chunks of the multi-tile path, and a tail past the last 8.
         let w = Tensor::randn(0f32, 1.0, (37, 2601), &dev).unwrap();
         let lin = Linear::new(w, None).unwrap();
         let x = Tensor::randn(0f32, 1.0, (SKINNY_ROWS, 2601), &dev).unwrap();
