@@ -18,9 +18,10 @@ pub fn init_process() {
     }
 }
 
-/// Every thread allocates from glibc's main heap. Otherwise the model worker thread gets an arena of its own, made of 64 MiB heaps
-/// that a batch's activations (35-50 MiB each for 8 images through ViT-g) do not share well:
-/// heaps are created and unmapped over and over, and [`keep_freed_memory`] cannot keep them.
+/// Every thread allocates from glibc's main heap. Otherwise the model worker thread gets an
+/// arena of its own, made of 64 MiB heaps that a batch's activations (35-50 MiB each for 8
+/// images through ViT-g) do not share well: heaps are created and unmapped over and over, and
+/// [`keep_freed_memory`] cannot keep them.
 /// Measured through the HTTP server on blip2-opt-2.7b (2 cores, single runs): 8 concurrent
 /// captions of 20 tokens took 48.6-49.5 s without this and 45.8 s with it. The tensors are large
 /// and few, so one arena's lock costs nothing measurable.

@@ -256,6 +256,21 @@ fn the_token_budget_serialises_jobs_and_the_image_cache_runs_vision_once() {
 }
 
 /// A job's last event (its tokens skipped).
+/// An engine on the fixture model whose idle worker waits up to `max_wait` for incoming requests.
+fn start_waiting(
+    max_wait: std::time::Duration,
+    metrics: Arc<Metrics>,
+) -> (engine::EngineHandle, std::thread::JoinHandle<()>) {
+    engine::start(
+        load(),
+        EngineConfig {
+            max_wait,
+            ..EngineConfig::default()
+        },
+        metrics,
+    )
+}
+
 fn outcome(rx: &mut mpsc::UnboundedReceiver<JobEvent>) -> JobEvent {
     loop {
         match rx.blocking_recv().expect("job answered") {
@@ -269,12 +284,8 @@ fn outcome(rx: &mut mpsc::UnboundedReceiver<JobEvent>) -> JobEvent {
 fn a_request_the_model_refuses_fails_alone_and_the_worker_goes_on() {
     let reference = load();
     let all = cases();
-    let (handle, thread) = engine::start(
-        load(),
-        EngineConfig {
-            max_wait: std::time::Duration::from_secs(5),
-            ..EngineConfig::default()
-        },
+    let (handle, thread) = start_waiting(
+        std::time::Duration::from_secs(5),
         Arc::new(Metrics::new().unwrap()),
     );
     // More new tokens than the tiny OPT has positions: its prefill fails.
@@ -314,14 +325,7 @@ fn an_idle_worker_waits_for_requests_on_their_way_and_no_longer_than_max_wait() 
     let reference = load();
     let all = cases();
     let metrics = Arc::new(Metrics::new().unwrap());
-    let (handle, thread) = engine::start(
-        load(),
-        EngineConfig {
-            max_wait: std::time::Duration::from_secs(5),
-            ..EngineConfig::default()
-        },
-        metrics.clone(),
-    );
+    let (handle, thread) = start_waiting(std::time::Duration::from_secs(5), metrics.clone());
     // The second request is still being preprocessed when the first is queued: the worker
     // waits for it, and the two run every step together.
     let second_on_its_way = handle.incoming();
@@ -340,12 +344,8 @@ fn an_idle_worker_waits_for_requests_on_their_way_and_no_longer_than_max_wait() 
     thread.join().unwrap();
 
     // A request that never arrives holds a first one back for max_wait at most.
-    let (handle, thread) = engine::start(
-        load(),
-        EngineConfig {
-            max_wait: std::time::Duration::from_millis(100),
-            ..EngineConfig::default()
-        },
+    let (handle, thread) = start_waiting(
+        std::time::Duration::from_millis(100),
         Arc::new(Metrics::new().unwrap()),
     );
     let _never = handle.incoming();

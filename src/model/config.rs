@@ -54,25 +54,27 @@ fn gelu_erf(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor
         return xs.gelu_erf();
     };
     let src = &cpu.as_slice::<f32>()?[start..end];
-    let mut out = Vec::with_capacity(src.len());
-    // SAFETY: every element is written by `gelu_slice` before the vector is read.
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        out.set_len(src.len())
-    };
+    // Not zeroed first: every element is written below.
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(src.len());
+    out.resize_with(src.len(), std::mem::MaybeUninit::uninit);
     out.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
         .for_each(|(o, s)| gelu_slice(s, o));
     drop(storage);
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: `gelu_slice` wrote every element; MaybeUninit<f32> has f32's layout, and the
+    // pointer, length and capacity come from a Vec of that layout.
+    let out =
+        unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) };
     candle_core::Tensor::from_vec(out, xs.shape(), xs.device())
 }
 
 /// `out[i] = gelu(src[i])`, with AVX2 + FMA where the CPU has them.
-fn gelu_slice(src: &[f32], out: &mut [f32]) {
+fn gelu_slice(src: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide(src: &[f32], out: &mut [f32]) {
+        unsafe fn wide(src: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
             gelu_generic(src, out)
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -86,9 +88,9 @@ fn gelu_slice(src: &[f32], out: &mut [f32]) {
 }
 
 #[inline(always)]
-fn gelu_generic(src: &[f32], out: &mut [f32]) {
+fn gelu_generic(src: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
     for (o, &v) in out.iter_mut().zip(src) {
-        *o = 0.5 * v * (1.0 + erf_rational(v * std::f32::consts::FRAC_1_SQRT_2));
+        o.write(0.5 * v * (1.0 + erf_rational(v * std::f32::consts::FRAC_1_SQRT_2)));
     }
 }
 

@@ -35,6 +35,21 @@ impl KvBuffer {
         Ok(buffer)
     }
 
+    /// Adds a step's keys and values (`[B, H, S, hd]`) to a layer's cache, starting one if
+    /// there is none, and returns all of them (`[B, H, T, hd]`) to attend over.
+    pub fn push(slot: &mut Option<KvBuffer>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        match slot {
+            Some(buffer) => {
+                buffer.append(&k, &v)?;
+                Ok((buffer.keys()?, buffer.values()?))
+            }
+            None => {
+                *slot = Some(Self::new(&k, &v)?);
+                Ok((k, v))
+            }
+        }
+    }
+
     /// Number of filled positions.
     pub fn len(&self) -> usize {
         self.len

@@ -283,16 +283,7 @@ impl OptAttention {
         )?;
         let k = split_heads(&self.k_proj.forward(xs)?, self.num_heads)?;
         let v = split_heads(&self.v_proj.forward(xs)?, self.num_heads)?;
-        let (k, v) = match cache {
-            Some(buffer) => {
-                buffer.append(&k, &v)?;
-                (buffer.keys()?, buffer.values()?)
-            }
-            None => {
-                *cache = Some(KvBuffer::new(&k, &v)?);
-                (k, v)
-            }
-        };
+        let (k, v) = KvBuffer::push(cache, k, v)?;
         let ctx = match attend_one_query(&q, &k, &v, mask)? {
             Some(ctx) => ctx,
             None => {

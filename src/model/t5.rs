@@ -491,16 +491,7 @@ impl T5Model {
             let h = block.self_norm.forward(&xs)?;
             let q = split_heads(&block.self_attn.q.forward(&h)?, block.self_attn.num_heads)?;
             let (k, v) = block.self_attn.project_kv(&h)?;
-            let (k, v) = match &mut state.self_kv[i] {
-                Some(buffer) => {
-                    buffer.append(&k, &v)?;
-                    (buffer.keys()?, buffer.values()?)
-                }
-                None => {
-                    state.self_kv[i] = Some(KvBuffer::new(&k, &v)?);
-                    (k, v)
-                }
-            };
+            let (k, v) = KvBuffer::push(&mut state.self_kv[i], k, v)?;
             xs = (xs + block.self_attn.attend(&q, &k, &v, bias)?)?;
 
             let h = block.cross_norm.forward(&xs)?;
