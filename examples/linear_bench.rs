@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use blip2_server::model::linear::{Linear, Quantization, QuantizeScope};
+use blip2_server::nn::{Linear, Quantization};
 use candle_core::{Device, Module, Tensor};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         vec![(d, d), (d, d), (d, d), (d, d), (f, d), (d, f)]
     };
     let q8 = std::env::var("Q8").is_ok();
-    let _scope = QuantizeScope::new(q8.then_some(Quantization::Q8_0));
+    let quantize = q8.then_some(Quantization::Q8_0);
     let mut linears = Vec::new();
     let mut bytes = 0usize;
     let mut flops_per_row = 0usize;
@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
             flops_per_row += 2 * out * inp;
             let lin = match (hot, linears.first()) {
                 (true, Some((first, _))) => Linear::clone(first),
-                _ => Linear::new(w, None)?,
+                _ => Linear::new(w, None, quantize)?,
             };
             linears.push((lin, inp));
         }

@@ -53,8 +53,8 @@ impl QuantizeName {
         }
     }
 
-    pub fn quantization(self) -> Option<crate::model::linear::Quantization> {
-        use crate::model::linear::Quantization;
+    pub fn quantization(self) -> Option<crate::nn::Quantization> {
+        use crate::nn::Quantization;
         match self {
             Self::None => None,
             Self::Q8_0 => Some(Quantization::Q8_0),

@@ -4,8 +4,8 @@
 use candle_core::{DType, Device};
 
 use crate::generation::{DecodeBatch, GeneratedSequence, GenerationParams, SequenceRequest};
-use crate::model::linear::Quantization;
 use crate::model::{Blip2Model, ModelError, ModelFiles, ModelSource};
+use crate::nn::Quantization;
 use crate::preprocess::{ImageLimits, ImageProcessor, PreprocessError};
 use crate::prompt::{PromptBuilder, PromptError};
 

@@ -5,8 +5,8 @@
 mod common;
 
 use blip2_server::generation::{DecodeBatch, GenerationParams, SequenceRequest};
-use blip2_server::model::linear::Quantization;
 use blip2_server::model::ModelFiles;
+use blip2_server::nn::Quantization;
 use blip2_server::{Blip2Pipeline, LoadOptions};
 use common::*;
 

@@ -541,7 +541,7 @@ impl<'m> DecodeBatch<'m> {
                 },
             ) => {
                 cache.merge(theirs)?;
-                *key_mask = crate::model::opt::merge_masks(key_mask, &their_mask, true);
+                *key_mask = crate::nn::kv::merge_masks(key_mask, &their_mask, true);
             }
             (LmState::T5 { state }, LmState::T5 { state: theirs }) => state.merge(theirs)?,
             _ => unreachable!("both batches run the same model"),

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use super::linear::{linear, Linear, Quantization, QuantizeScope};
+use crate::nn::{linear, Linear, Quantization};
 
 use super::config::{Blip2Config, TextConfig};
 use super::loader::{ModelFiles, SafetensorsWeights};
@@ -74,10 +74,8 @@ impl Blip2Model {
             ModelError::Tensor(e) => ModelError::Weights(e.to_string()),
             other => other,
         };
-        let vision = {
-            let _q = QuantizeScope::new(quantize);
-            VisionEncoder::new(&config.vision, vb.pp("vision_model")).map_err(wrap)?
-        };
+        let vision =
+            VisionEncoder::new(&config.vision, vb.pp("vision_model"), quantize).map_err(wrap)?;
         // transformers keeps `query_tokens` and the Q-Former in f32 when loading in f16
         // (`_keep_in_fp32_modules`); bf16 makes everything bf16.
         let qformer_vb = if vb.dtype() == DType::F16 {
@@ -91,13 +89,15 @@ impl Blip2Model {
             config.qformer.hidden_size,
             config.text.hidden_size(),
             vb.pp("language_projection"),
+            None,
         )
         .map_err(|e| wrap(e.into()))?;
         let lm_vb = vb.pp("language_model");
-        let _q = QuantizeScope::new(quantize);
         let language_model = match &config.text {
-            TextConfig::Opt(c) => LanguageModel::Opt(OptDecoder::new(c, lm_vb).map_err(wrap)?),
-            TextConfig::T5(c) => LanguageModel::T5(T5Model::new(c, lm_vb).map_err(wrap)?),
+            TextConfig::Opt(c) => {
+                LanguageModel::Opt(OptDecoder::new(c, lm_vb, quantize).map_err(wrap)?)
+            }
+            TextConfig::T5(c) => LanguageModel::T5(T5Model::new(c, lm_vb, quantize).map_err(wrap)?),
         };
         Ok(Self {
             dtype: vb.dtype(),

@@ -240,7 +240,7 @@ fn read_typed<T: Copy + Default>(
 ) -> candle_core::Result<Vec<T>> {
     let mut values = vec![T::default(); n];
     let bytes = n * std::mem::size_of::<T>();
-    crate::model::linear::advise_huge_pages(values.as_ptr() as *const u8, bytes);
+    crate::kernels::cpu::memory::advise_huge_pages(values.as_ptr() as *const u8, bytes);
     // SAFETY: T is a plain numeric type (f32, f16, bf16): every byte pattern is a value, and
     // the slice covers exactly the vector's initialised elements.
     let raw = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, bytes) };

@@ -6,11 +6,8 @@
 
 pub mod blip2;
 pub mod config;
-pub mod kv;
-pub mod linear;
 pub mod loader;
 pub mod opt;
-pub mod q8;
 pub mod qformer;
 pub mod t5;
 pub mod vision;

@@ -8,20 +8,15 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, LayerNorm, VarBuilder};
 
-use super::kv::KvBuffer;
-use super::linear::{linear_b, Linear};
+use crate::nn::attention::{attend, merge_heads, scale, split_heads};
+use crate::nn::kv::{is_identity, KvBuffer};
+use crate::nn::{linear_b, Activation, Linear, Quantization};
 
-use super::config::{Activation, OptConfig};
-use super::vision::{merge_heads, split_heads};
+use super::config::OptConfig;
 use super::{ModelError, Result};
 
 /// transformers' `OPTLearnedPositionalEmbedding.offset`.
 const POSITION_OFFSET: usize = 2;
-
-/// `rows` is `0..batch`: a gather that would change nothing.
-pub fn is_identity(rows: &[usize], batch: usize) -> bool {
-    rows.len() == batch && rows.iter().enumerate().all(|(i, &r)| i == r)
-}
 
 /// Keys and values of every layer for a batch of rows, `[B, H, T, hd]` each.
 #[derive(Debug)]
@@ -50,7 +45,7 @@ impl OptKvCache {
     }
 
     /// Appends `other`'s rows after these, left-padding the shorter cache with zeros; the caller
-    /// pads the key masks the same way (see [`merge_masks`]).
+    /// pads the key masks the same way (see `nn::kv::merge_masks`).
     pub fn merge(&mut self, other: OptKvCache) -> Result<()> {
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             *mine = match (mine.take(), theirs) {
@@ -81,150 +76,6 @@ impl OptKvCache {
         }
         Ok(())
     }
-}
-
-/// `xs * factor`, computed in f32 as torch does for half dtypes (candle would round the factor
-/// to the tensor's dtype first).
-pub(crate) fn scale(xs: &Tensor, factor: f64) -> candle_core::Result<Tensor> {
-    if xs.dtype() == DType::F32 {
-        xs * factor
-    } else {
-        (xs.to_dtype(DType::F32)? * factor)?.to_dtype(xs.dtype())
-    }
-}
-
-/// A decode step's attention (one query per row) for f32 CPU tensors: q [B, H, 1, hd] (scaled),
-/// k and v [B, H, T, hd], the additive mask [B, 1, 1, T]. candle's matmul runs two small
-/// matrix products per row and head (512 per layer at batch 8, each with gemm's setup); this
-/// computes them directly, one task per row and head. Masked keys get exactly zero weight,
-/// so a row's result does not depend on how far the batch pads it. `None` for other shapes.
-fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
-    use rayon::prelude::*;
-    let (b, h, s, hd) = q.dims4()?;
-    let t = k.dim(2)?;
-    let all_f32 = [q, k, v, mask]
-        .iter()
-        .all(|x| x.dtype() == DType::F32 && x.device().is_cpu());
-    if s != 1 || !all_f32 || mask.dims() != [b, 1, 1, t] || v.dims() != k.dims() {
-        return Ok(None);
-    }
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
-    let mask = mask.flatten_all()?.to_vec1::<f32>()?;
-    // Views into a KV buffer ([B, H, capacity, hd], the first t positions) are read in place.
-    let head_major = |x: &Tensor| {
-        let st = x.layout().stride();
-        st[3] == 1 && st[2] == hd && st[0] == h * st[1]
-    };
-    let k = if head_major(k) {
-        k.clone()
-    } else {
-        k.contiguous()?
-    };
-    let v = if head_major(v) {
-        v.clone()
-    } else {
-        v.contiguous()?
-    };
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        return Ok(None);
-    };
-    // Where row-and-head `bh`'s t keys (values) start: `start + bh * step`.
-    let (k_start, k_step) = (kl.start_offset(), kl.stride()[1]);
-    let (v_start, v_step) = (vl.start_offset(), vl.stride()[1]);
-    let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-    let mut out = vec![0f32; b * h * hd];
-    out.par_chunks_mut(hd).enumerate().for_each(|(bh, o)| {
-        let (qr, row_mask) = (
-            &q[bh * hd..(bh + 1) * hd],
-            &mask[(bh / h) * t..(bh / h + 1) * t],
-        );
-        let keys = &kd[k_start + bh * k_step..][..t * hd];
-        let values = &vd[v_start + bh * v_step..][..t * hd];
-        let mut scores: Vec<f32> = keys
-            .chunks_exact(hd)
-            .zip(row_mask)
-            .map(|(kr, m)| dot(qr, kr) + m)
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in scores.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        for (p, vr) in scores.iter().zip(values.chunks_exact(hd)) {
-            let p = p / sum;
-            if p != 0.0 {
-                for (o, x) in o.iter_mut().zip(vr) {
-                    *o += p * x;
-                }
-            }
-        }
-    });
-    drop((ks, vs));
-    Ok(Some(Tensor::from_vec(out, (b, h, 1, hd), &Device::Cpu)?))
-}
-
-/// A dot product in 8 interleaved partial sums (so that it vectorises).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Concatenates `a` and `b` along dim 0 after zero-padding the shorter one along `dim` to the
-/// longer's length, at the front (`front`) or the back.
-pub(crate) fn cat_padded(
-    a: &Tensor,
-    b: &Tensor,
-    dim: usize,
-    front: bool,
-) -> candle_core::Result<Tensor> {
-    let len = a.dim(dim)?.max(b.dim(dim)?);
-    let pad = |t: &Tensor| -> candle_core::Result<Tensor> {
-        let missing = len - t.dim(dim)?;
-        if missing == 0 {
-            return Ok(t.clone());
-        }
-        let mut shape = t.dims().to_vec();
-        shape[dim] = missing;
-        let zeros = Tensor::zeros(shape, t.dtype(), t.device())?;
-        if front {
-            Tensor::cat(&[&zeros, t], dim)
-        } else {
-            Tensor::cat(&[t, &zeros], dim)
-        }
-    };
-    Tensor::cat(&[&pad(a)?, &pad(b)?], 0)
-}
-
-/// Row masks of two batches padded with 0 to a common length (at the front or the back), `a`'s
-/// rows first.
-pub(crate) fn merge_masks(a: &[Vec<u8>], b: &[Vec<u8>], front: bool) -> Vec<Vec<u8>> {
-    let len = a.iter().chain(b).map(Vec::len).max().unwrap_or(0);
-    a.iter()
-        .chain(b)
-        .map(|m| {
-            let pad = std::iter::repeat_n(0u8, len - m.len());
-            if front {
-                pad.chain(m.iter().copied()).collect()
-            } else {
-                m.iter().copied().chain(pad).collect()
-            }
-        })
-        .collect()
 }
 
 /// Additive attention mask `[B, 1, S, past + S]`: query `i` of row `b` (absolute position
@@ -263,14 +114,14 @@ struct OptAttention {
 }
 
 impl OptAttention {
-    fn new(cfg: &OptConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &OptConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.hidden_size;
         let bias = cfg.enable_bias;
         Ok(Self {
-            q_proj: linear_b(d, d, bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(d, d, bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(d, d, bias, vb.pp("v_proj"))?,
-            out_proj: linear_b(d, d, bias, vb.pp("out_proj"))?,
+            q_proj: linear_b(d, d, bias, vb.pp("q_proj"), q)?,
+            k_proj: linear_b(d, d, bias, vb.pp("k_proj"), q)?,
+            v_proj: linear_b(d, d, bias, vb.pp("v_proj"), q)?,
+            out_proj: linear_b(d, d, bias, vb.pp("out_proj"), q)?,
             num_heads: cfg.num_attention_heads,
             scaling: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
         })
@@ -284,18 +135,7 @@ impl OptAttention {
         let k = split_heads(&self.k_proj.forward(xs)?, self.num_heads)?;
         let v = split_heads(&self.v_proj.forward(xs)?, self.num_heads)?;
         let (k, v) = KvBuffer::push(cache, k, v)?;
-        let ctx = match attend_one_query(&q, &k, &v, mask)? {
-            Some(ctx) => ctx,
-            None => {
-                // Scores and softmax in f32 whatever the weights' dtype, as the reference does.
-                let scores = q
-                    .matmul(&k.t()?)?
-                    .to_dtype(DType::F32)?
-                    .broadcast_add(mask)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-                probs.matmul(&v)?
-            }
-        };
+        let ctx = attend(&q, &k, &v, mask)?;
         let ctx = merge_heads(&ctx)?;
         Ok(self.out_proj.forward(&ctx)?)
     }
@@ -322,13 +162,13 @@ struct OptLayer {
 }
 
 impl OptLayer {
-    fn new(cfg: &OptConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &OptConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            self_attn: OptAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: OptAttention::new(cfg, vb.pp("self_attn"), q)?,
             self_attn_layer_norm: opt_layer_norm(cfg, vb.pp("self_attn_layer_norm"))?,
-            fc1: linear_b(d, cfg.ffn_dim, cfg.enable_bias, vb.pp("fc1"))?,
-            fc2: linear_b(cfg.ffn_dim, d, cfg.enable_bias, vb.pp("fc2"))?,
+            fc1: linear_b(d, cfg.ffn_dim, cfg.enable_bias, vb.pp("fc1"), q)?,
+            fc2: linear_b(cfg.ffn_dim, d, cfg.enable_bias, vb.pp("fc2"), q)?,
             final_layer_norm: opt_layer_norm(cfg, vb.pp("final_layer_norm"))?,
             act: cfg.activation_function,
             pre_norm: cfg.do_layer_norm_before,
@@ -372,8 +212,9 @@ pub struct OptDecoder {
 }
 
 impl OptDecoder {
-    /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints).
-    pub fn new(cfg: &OptConfig, vb: VarBuilder) -> Result<Self> {
+    /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints); `quantize`
+    /// applies to its linear weights (the head included) as they are read.
+    pub fn new(cfg: &OptConfig, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
         let dec = vb.pp("model.decoder");
         let d = cfg.hidden_size;
         let embed_tokens = embedding(cfg.vocab_size, d, dec.pp("embed_tokens"))?;
@@ -383,7 +224,7 @@ impl OptDecoder {
             dec.pp("embed_positions"),
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| OptLayer::new(cfg, dec.pp(format!("layers.{i}"))))
+            .map(|i| OptLayer::new(cfg, dec.pp(format!("layers.{i}")), quantize))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = if cfg.do_layer_norm_before && !cfg.remove_final_layer_norm {
             Some(opt_layer_norm(cfg, dec.pp("final_layer_norm"))?)
@@ -402,7 +243,7 @@ impl OptDecoder {
             embed_positions,
             layers,
             final_layer_norm,
-            lm_head: Linear::new(head_weight, None)?,
+            lm_head: Linear::new(head_weight, None, quantize)?,
             max_positions: cfg.max_position_embeddings,
         })
     }

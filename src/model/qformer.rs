@@ -6,10 +6,10 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::linear::{linear, Linear};
+use crate::nn::attention::{merge_heads, split_heads};
+use crate::nn::{linear, Activation, Linear};
 
-use super::config::{Activation, QFormerConfig};
-use super::vision::{merge_heads, split_heads};
+use super::config::QFormerConfig;
 use super::Result;
 
 /// BERT attention (`attention.attention` + `attention.output`): `LN(dense(ctx) + x)`.
@@ -30,10 +30,10 @@ impl QFormerAttention {
         let attn = vb.pp("attention");
         let out = vb.pp("output");
         Ok(Self {
-            query: linear(d, d, attn.pp("query"))?,
-            key: linear(kv_width, d, attn.pp("key"))?,
-            value: linear(kv_width, d, attn.pp("value"))?,
-            dense: linear(d, d, out.pp("dense"))?,
+            query: linear(d, d, attn.pp("query"), None)?,
+            key: linear(kv_width, d, attn.pp("key"), None)?,
+            value: linear(kv_width, d, attn.pp("value"), None)?,
+            dense: linear(d, d, out.pp("dense"), None)?,
             layer_norm: layer_norm(d, cfg.layer_norm_eps, out.pp("LayerNorm"))?,
             num_heads: cfg.num_attention_heads,
             sqrt_head_dim: ((d / cfg.num_attention_heads) as f64).sqrt(),
@@ -78,8 +78,13 @@ impl QFormerLayer {
         Ok(Self {
             self_attention: QFormerAttention::new(cfg, d, vb.pp("attention"))?,
             cross_attention,
-            intermediate: linear(d, cfg.intermediate_size, vb.pp("intermediate_query.dense"))?,
-            output: linear(cfg.intermediate_size, d, vb.pp("output_query.dense"))?,
+            intermediate: linear(
+                d,
+                cfg.intermediate_size,
+                vb.pp("intermediate_query.dense"),
+                None,
+            )?,
+            output: linear(cfg.intermediate_size, d, vb.pp("output_query.dense"), None)?,
             output_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output_query.LayerNorm"))?,
             act: cfg.hidden_act,
         })

@@ -12,11 +12,11 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
-use super::kv::KvBuffer;
-use super::linear::{linear_no_bias, Linear};
+use crate::nn::attention::{attend, merge_heads, scale, split_heads};
+use crate::nn::kv::{cat_padded, is_identity, merge_masks, KvBuffer};
+use crate::nn::{linear_no_bias, Activation, Linear, Quantization};
 
-use super::config::{Activation, T5Config};
-use super::vision::{merge_heads, split_heads};
+use super::config::T5Config;
 use super::{ModelError, Result};
 
 /// T5's LayerNorm: no mean subtraction, no bias, variance in f32.
@@ -83,7 +83,12 @@ struct T5Attention {
 }
 
 impl T5Attention {
-    fn new(cfg: &T5Config, has_bias: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &T5Config,
+        has_bias: bool,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         let relative_attention_bias = if has_bias {
             Some(embedding(
@@ -95,10 +100,10 @@ impl T5Attention {
             None
         };
         Ok(Self {
-            q: linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: linear_no_bias(cfg.d_model, inner, vb.pp("q"), q)?,
+            k: linear_no_bias(cfg.d_model, inner, vb.pp("k"), q)?,
+            v: linear_no_bias(cfg.d_model, inner, vb.pp("v"), q)?,
+            o: linear_no_bias(inner, cfg.d_model, vb.pp("o"), q)?,
             num_heads: cfg.num_heads,
             relative_attention_bias,
         })
@@ -106,12 +111,7 @@ impl T5Attention {
 
     /// `bias` [1 or B, H, S, T] is added to the unscaled scores (position bias + mask).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        Ok(self.o.forward(&merge_heads(&probs.matmul(v)?)?)?)
+        Ok(self.o.forward(&merge_heads(&attend(q, k, v, bias)?)?)?)
     }
 
     fn project_kv(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -200,20 +200,20 @@ struct T5Ffn {
 }
 
 impl T5Ffn {
-    fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &T5Config, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let (act, gated) = cfg.activation()?;
         let (wi_0, wi_1) = if gated {
             (
-                linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-                Some(linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?),
+                linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"), q)?,
+                Some(linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"), q)?),
             )
         } else {
-            (linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
+            (linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"), q)?, None)
         };
         Ok(Self {
             wi_0,
             wi_1,
-            wo: linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
+            wo: linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"), q)?,
             act,
         })
     }
@@ -262,7 +262,7 @@ impl T5DecoderState {
     /// Keeps only the given batch rows, in that order (nothing is copied when that is every
     /// row in place, as in most greedy and sampling steps).
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        if crate::model::opt::is_identity(rows, self.self_mask.len()) {
+        if is_identity(rows, self.self_mask.len()) {
             return Ok(());
         }
         let idx = Tensor::from_vec(
@@ -300,13 +300,12 @@ impl T5DecoderState {
         }
         for (mine, theirs) in self.cross_kv.iter_mut().zip(other.cross_kv) {
             *mine = (
-                crate::model::opt::cat_padded(&mine.0, &theirs.0, 2, false)?,
-                crate::model::opt::cat_padded(&mine.1, &theirs.1, 2, false)?,
+                cat_padded(&mine.0, &theirs.0, 2, false)?,
+                cat_padded(&mine.1, &theirs.1, 2, false)?,
             );
         }
-        self.self_mask = crate::model::opt::merge_masks(&self.self_mask, &other.self_mask, true);
-        self.cross_keep =
-            crate::model::opt::merge_masks(&self.cross_keep, &other.cross_keep, false);
+        self.self_mask = merge_masks(&self.self_mask, &other.self_mask, true);
+        self.cross_keep = merge_masks(&self.cross_keep, &other.cross_keep, false);
         self.cross_mask = padding_mask(&self.cross_keep, &device)?;
         Ok(())
     }
@@ -341,7 +340,8 @@ pub struct T5Model {
 
 impl T5Model {
     /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints).
-    pub fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+    /// `quantize` applies to its linear weights (the head included) as they are read.
+    pub fn new(cfg: &T5Config, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
         let d = cfg.d_model;
         let eps = cfg.layer_norm_epsilon;
         let shared = embedding(cfg.vocab_size, d, vb.pp("shared"))?;
@@ -351,9 +351,9 @@ impl T5Model {
                 let b = enc.pp(format!("block.{i}"));
                 Ok(EncoderBlock {
                     attn_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
-                    attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"))?,
+                    attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"), quantize)?,
                     ffn_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
-                    ffn: T5Ffn::new(cfg, b.pp("layer.1.DenseReluDense"))?,
+                    ffn: T5Ffn::new(cfg, b.pp("layer.1.DenseReluDense"), quantize)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -363,11 +363,21 @@ impl T5Model {
                 let b = dec.pp(format!("block.{i}"));
                 Ok(DecoderBlock {
                     self_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
-                    self_attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"))?,
+                    self_attn: T5Attention::new(
+                        cfg,
+                        i == 0,
+                        b.pp("layer.0.SelfAttention"),
+                        quantize,
+                    )?,
                     cross_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
-                    cross_attn: T5Attention::new(cfg, false, b.pp("layer.1.EncDecAttention"))?,
+                    cross_attn: T5Attention::new(
+                        cfg,
+                        false,
+                        b.pp("layer.1.EncDecAttention"),
+                        quantize,
+                    )?,
                     ffn_norm: RmsNorm::new(d, eps, b.pp("layer.2.layer_norm"))?,
-                    ffn: T5Ffn::new(cfg, b.pp("layer.2.DenseReluDense"))?,
+                    ffn: T5Ffn::new(cfg, b.pp("layer.2.DenseReluDense"), quantize)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -375,12 +385,16 @@ impl T5Model {
             // A tied head is `shared`; the reference rescales its input by d_model^-0.5.
             // (BLIP-2's Flan-T5 checkpoints are untied.)
             (
-                Linear::new(shared.embeddings().clone(), None)?,
+                Linear::new(shared.embeddings().clone(), None, quantize)?,
                 Some((d as f64).powf(-0.5)),
             )
         } else if vb.contains_tensor("lm_head.weight") {
             (
-                Linear::new(vb.get((cfg.vocab_size, d), "lm_head.weight")?, None)?,
+                Linear::new(
+                    vb.get((cfg.vocab_size, d), "lm_head.weight")?,
+                    None,
+                    quantize,
+                )?,
                 None,
             )
         } else {
@@ -504,7 +518,7 @@ impl T5Model {
         }
         let mut xs = self.decoder_norm.forward(&xs)?.squeeze(1)?;
         if let Some(s) = self.head_scale {
-            xs = super::opt::scale(&xs, s)?;
+            xs = scale(&xs, s)?;
         }
         Ok(self.lm_head.forward(&xs)?.to_dtype(DType::F32)?)
     }

@@ -5,9 +5,10 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::linear::{linear, Linear};
+use crate::nn::attention::scale;
+use crate::nn::{linear, Activation, Linear, Quantization};
 
-use super::config::{Activation, VisionConfig};
+use super::config::VisionConfig;
 use super::Result;
 
 /// Softmax over the last axis of `q k^T * scale`, then `@ v`; no mask (all vision tokens see all).
@@ -15,9 +16,9 @@ pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f64,
+    factor: f64,
 ) -> candle_core::Result<Tensor> {
-    let scores = super::opt::scale(&q.matmul(&k.t()?)?, scale)?;
+    let scores = scale(&q.matmul(&k.t()?)?, factor)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     probs.matmul(v)
 }
@@ -86,7 +87,7 @@ struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.hidden_size;
         let qkv_weight = vb.get((3 * d, d), "qkv.weight")?;
         // Older snapshots store q_bias and v_bias; the key has no bias.
@@ -106,8 +107,8 @@ impl VisionAttention {
         };
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
-            qkv: Linear::new(qkv_weight, qkv_bias)?,
-            projection: linear(d, d, vb.pp("projection"))?,
+            qkv: Linear::new(qkv_weight, qkv_bias, q)?,
+            projection: linear(d, d, vb.pp("projection"), q)?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -141,14 +142,14 @@ struct VisionLayer {
 }
 
 impl VisionLayer {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: VisionAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: VisionAttention::new(cfg, vb.pp("self_attn"), q)?,
             layer_norm2: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"), q)?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"), q)?,
             act: cfg.hidden_act,
         })
     }
@@ -172,9 +173,10 @@ pub struct VisionEncoder {
 }
 
 impl VisionEncoder {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    /// `quantize`: the encoder's linear weights, as they are read.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}")), quantize))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeddings: VisionEmbeddings::new(cfg, vb.pp("embeddings"))?,
@@ -194,18 +196,4 @@ impl VisionEncoder {
         }
         Ok(self.post_layernorm.forward(&xs)?)
     }
-}
-
-/// Splits `[B, T, H*hd]` into heads `[B, H, T, hd]` (contiguous, ready for matmul).
-pub(crate) fn split_heads(xs: &Tensor, num_heads: usize) -> candle_core::Result<Tensor> {
-    let (b, t, d) = xs.dims3()?;
-    xs.reshape((b, t, num_heads, d / num_heads))?
-        .transpose(1, 2)?
-        .contiguous()
-}
-
-/// Joins heads `[B, H, T, hd]` back into `[B, T, H*hd]`.
-pub(crate) fn merge_heads(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, h, t, hd) = xs.dims4()?;
-    xs.transpose(1, 2)?.reshape((b, t, h * hd))
 }

@@ -1,231 +1,22 @@
-//! Linear layers with a decode-shaped fast path.
+//! The f32 decode matrix product: `x [m, k] @ w [n, k]^T` for the few input rows of a decode
+//! step (one per sequence, at most [`SKINNY_ROWS`]), reading the weights once whatever `m` is.
+//! candle's CPU matmul packs the whole weight matrix on each call, so a step of batch 2 cost
+//! several times batch 1 although both must read the same weights; here each weight row is
+//! streamed once and dotted with every input row, split across threads.
 //!
-//! Weights stay in the checkpoint's [out, in] layout. Decoding multiplies a handful of rows
-//! (one per sequence in the batch) by every weight matrix; candle's CPU matmul packs the whole
-//! matrix on each such call, so a step of batch 2 cost several times batch 1 although both must
-//! read the same weights. For f32 inputs of at most [`SKINNY_ROWS`] rows we instead stream
-//! each weight row once and dot it with every input row, split across threads: the cost is
-//! reading the weights, whatever the batch. Larger inputs (prefill, the vision encoder) use
-//! candle's matmul.
-//!
-//! Quantisation (q8_0, q4k) happens as each weight is loaded, inside a [`QuantizeScope`], so the
-//! f32 copy of a quantised model never exists in full: the loader builds the vision encoder and
-//! the language model in such a scope and everything else (Q-Former, projection, norms,
-//! embeddings) stays in the load dtype.
+//! Exactness habit: a row's result is bit-identical whatever rows are beside it, and the AVX2
+//! and AVX-512VL builds agree bit for bit (tests below); [`reference`] is the scalar definition.
 
-use std::cell::Cell;
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
-
-use super::q8::Q8Matrix;
 use rayon::prelude::*;
 
-/// Row counts up to this take the weight-streaming path.
+/// Input rows up to this take this kernel (`nn::Linear` dispatches on it).
 pub const SKINNY_ROWS: usize = 16;
-
-/// Weight formats a `--quantize` run may ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quantization {
-    Q8_0,
-    Q4K,
-}
-
-impl Quantization {
-    fn ggml(self) -> GgmlDType {
-        match self {
-            Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4K => GgmlDType::Q4K,
-        }
-    }
-}
-
-thread_local! {
-    static QUANTIZE: Cell<Option<Quantization>> = const { Cell::new(None) };
-}
-
-/// While alive, [`Linear::new`] on this thread quantises its weight.
-pub struct QuantizeScope {
-    previous: Option<Quantization>,
-}
-
-impl QuantizeScope {
-    pub fn new(q: Option<Quantization>) -> Self {
-        Self {
-            previous: QUANTIZE.with(|c| c.replace(q)),
-        }
-    }
-}
-
-impl Drop for QuantizeScope {
-    fn drop(&mut self) {
-        QUANTIZE.with(|c| c.set(self.previous));
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Weight {
-    /// [out, in], contiguous.
-    Dense(Tensor),
-    /// q8_0 with our own kernels (no repacked copy: see [`super::q8`]).
-    Q8(Arc<Q8Matrix>),
-    /// `matmul` serves inputs of up to [`SKINNY_ROWS`] rows (decode: reading the quantised
-    /// weights is the cost); larger inputs (prefill, the vision encoder) are compute-bound and
-    /// multiply by `qtensor` dequantised to f32 for the call.
-    Quantized {
-        matmul: Arc<QMatMul>,
-        qtensor: Arc<QTensor>,
-        out: usize,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Weight,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// From a weight in the checkpoint's [out, in] layout; quantised inside a [`QuantizeScope`]
-    /// (q4k where the input width is a multiple of 256, else q8_0 where it is a multiple of 32,
-    /// else kept as it is).
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = match QUANTIZE.with(Cell::get) {
-            Some(q) if weight.device().is_cpu() => quantize(&weight, q)?,
-            _ => None,
-        }
-        .unwrap_or(Weight::Dense(weight.contiguous()?));
-        Ok(Self { weight, bias })
-    }
-
-    /// The quantised format of the weight, if any.
-    pub fn quantized(&self) -> Option<GgmlDType> {
-        match &self.weight {
-            Weight::Dense(_) => None,
-            Weight::Q8(_) => Some(GgmlDType::Q8_0),
-            Weight::Quantized { qtensor, .. } => Some(qtensor.dtype()),
-        }
-    }
-}
-
-fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
-    let (out, k) = weight.dims2()?;
-    let dtype = [q.ggml(), GgmlDType::Q8_0]
-        .into_iter()
-        .find(|d| k % d.block_size() == 0);
-    let Some(dtype) = dtype else { return Ok(None) };
-    if dtype == GgmlDType::Q8_0 {
-        return Ok(Some(Weight::Q8(Arc::new(Q8Matrix::quantize(weight)?))));
-    }
-    let qtensor = Arc::new(QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?);
-    Ok(Some(Weight::Quantized {
-        matmul: Arc::new(QMatMul::from_arc(qtensor.clone())?),
-        qtensor,
-        out,
-    }))
-}
-
-impl Linear {
-    /// Flattens `xs` to f32 rows [rows, k], multiplies with `matmul`, restores the shape and
-    /// dtype and adds the bias.
-    fn quantized_forward(
-        &self,
-        xs: &Tensor,
-        out: usize,
-        matmul: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let k = *dims
-            .last()
-            .expect("Linear input has at least one dimension");
-        let rows = xs.elem_count() / k.max(1);
-        let x2 = xs.to_dtype(DType::F32)?.contiguous()?.reshape((rows, k))?;
-        let mut shape = dims;
-        *shape.last_mut().expect("non-empty") = out;
-        let y = matmul(&x2, rows)?.to_dtype(xs.dtype())?.reshape(shape)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let weight = match &self.weight {
-            Weight::Dense(w) => w,
-            Weight::Q8(q) => {
-                return self.quantized_forward(xs, q.out_features(), |x2, rows| {
-                    if rows <= SKINNY_ROWS && xs.device().is_cpu() {
-                        let x = x2.flatten_all()?.to_vec1::<f32>()?;
-                        Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())
-                    } else {
-                        x2.matmul(&q.dequantize(xs.device())?.t()?)
-                    }
-                })
-            }
-            Weight::Quantized {
-                matmul,
-                qtensor,
-                out,
-            } => {
-                return self.quantized_forward(xs, *out, |x2, rows| {
-                    if rows <= SKINNY_ROWS {
-                        matmul.forward(x2)
-                    } else {
-                        x2.matmul(&qtensor.dequantize(xs.device())?.t()?)
-                    }
-                })
-            }
-        };
-        let dims = xs.dims().to_vec();
-        let k = *dims
-            .last()
-            .expect("Linear input has at least one dimension");
-        let rows = xs.elem_count() / k.max(1);
-        let n = weight.dim(0)?;
-        let x2 = xs.contiguous()?.reshape((rows, k))?;
-        let out = if rows <= SKINNY_ROWS
-            && xs.dtype() == DType::F32
-            && weight.dtype() == DType::F32
-            && matches!(xs.device(), Device::Cpu)
-            && matches!(weight.device(), Device::Cpu)
-        {
-            let x = x2.flatten_all()?.to_vec1::<f32>()?;
-            // Borrow the weight's storage: copying it would cost what we are saving.
-            let (storage, layout) = weight.storage_and_layout();
-            let (start, end) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("Linear weight is not contiguous".into()))?;
-            let out = match &*storage {
-                candle_core::Storage::Cpu(cpu) => {
-                    let w = &cpu.as_slice::<f32>()?[start..end];
-                    skinny_matmul(&x, w, rows, k, n)
-                }
-                _ => unreachable!("checked: CPU f32"),
-            };
-            drop(storage);
-            Tensor::from_vec(out, (rows, n), xs.device())?
-        } else {
-            x2.matmul(&weight.t()?)?
-        };
-        let mut shape = dims;
-        *shape.last_mut().expect("non-empty") = n;
-        let out = out.reshape(shape)?;
-        match &self.bias {
-            Some(b) => out.broadcast_add(b),
-            None => Ok(out),
-        }
-    }
-}
 
 /// Weight rows per parallel task of [`skinny_matmul`].
 const BLOCK_ROWS: usize = 32;
 
 /// `x [m, k] @ w[n, k]^T -> [m, n]`, reading `w` once.
-fn skinny_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+pub fn skinny_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     // Output blocks transposed ([n, m]) so each thread writes one contiguous chunk.
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -236,6 +27,22 @@ fn skinny_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
     for j in 0..n {
         for i in 0..m {
             out[i * n + j] = out_t[j * m + i];
+        }
+    }
+    out
+}
+
+/// The scalar definition of [`skinny_matmul`]'s result (the same sums, in the kernels' order per
+/// lane up to rounding): what the tests compare against.
+pub fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = x[i * k..(i + 1) * k]
+                .iter()
+                .zip(&w[j * k..(j + 1) * k])
+                .map(|(a, b)| a * b)
+                .sum();
         }
     }
     out
@@ -517,80 +324,27 @@ decode_kernel!(avx2, "avx2,fma", 4);
 #[cfg(target_arch = "x86_64")]
 decode_kernel!(avx512vl, "avx2,fma,avx512f,avx512vl", 8);
 
-/// Asks the kernel to back `len` bytes at `ptr` (a fresh, untouched allocation) with 2 MiB
-/// pages where it can: decode streams gigabytes of weights per step, and with 4 KiB pages the
-/// hardware prefetchers stop at every page boundary. Advice only: failure changes nothing.
-pub fn advise_huge_pages(ptr: *const u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = (ptr as usize).div_ceil(PAGE) * PAGE;
-        let end = (ptr as usize + len) / PAGE * PAGE;
-        if end > start {
-            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE changes no
-            // contents and no mapping we rely on.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-}
-
-pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = if bias {
-        Some(vb.get(out_dim, "bias")?)
-    } else {
-        None
-    };
-    Linear::new(weight, bias)
-}
-
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    linear_b(in_dim, out_dim, true, vb)
-}
-
-pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    linear_b(in_dim, out_dim, false, vb)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn skinny_path_agrees_with_matmul() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (37, 53), &dev).unwrap();
-        let lin = Linear::new(w.clone(), None).unwrap();
-        for rows in [1, 3, SKINNY_ROWS, SKINNY_ROWS + 1] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 53), &dev).unwrap();
-            let ours = lin.forward(&x).unwrap();
-            let reference = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-4, "rows {rows}: {diff}");
-        }
+    fn randn(len: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
     #[test]
-    fn a_skinny_row_is_bit_identical_whatever_rows_are_beside_it() {
-        let dev = Device::Cpu;
-        // 2600 columns: several chunks of the multi-tile path, and a tail past the last 8.
-        let w = Tensor::randn(0f32, 1.0, (37, 2601), &dev).unwrap();
-        let lin = Linear::new(w, None).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (SKINNY_ROWS, 2601), &dev).unwrap();
-        let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
-        let all = rows(&lin.forward(&x).unwrap());
-        for m in [1, 3, 5, 8] {
-            let part = rows(&lin.forward(&x.narrow(0, 2, m).unwrap()).unwrap());
-            assert_eq!(part, all[2..2 + m].to_vec(), "{m} rows");
+    fn agrees_with_the_scalar_reference() {
+        let (n, k) = (37, 2601);
+        let w = randn(n * k, 1);
+        for m in [1, 3, 8, SKINNY_ROWS] {
+            let x = randn(m * k, 2);
+            let ours = skinny_matmul(&x, &w, m, k, n);
+            let want = reference(&x, &w, m, k, n);
+            for (a, b) in ours.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3, "{m} rows: {a} vs {b}");
+            }
         }
     }
 
@@ -604,14 +358,11 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX-512VL, so only the AVX2 build can run");
             return;
         }
-        let dev = Device::Cpu;
         let n = BLOCK_ROWS - 1;
         // Widths with and without a tail past the last 8, below and above the prefetch distance.
         for k in [7, 8, 1000, 1024, 2601] {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let x = Tensor::randn(0f32, 1.0, (SKINNY_ROWS * k,), &dev).unwrap();
-            let x = x.to_vec1::<f32>().unwrap();
+            let w = randn(n * k, 3);
+            let x = randn(SKINNY_ROWS * k, 4);
             for m in 1..=SKINNY_ROWS {
                 let x = &x[..m * k];
                 let (mut narrow, mut wide) = (vec![0f32; n * m], vec![0f32; n * m]);
@@ -623,44 +374,5 @@ mod tests {
                 assert_eq!(narrow, wide, "{m} rows of {k}");
             }
         }
-    }
-
-    #[test]
-    fn quantized_weights_stay_close_and_fall_back_by_width() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (48, 512), &dev).unwrap();
-        // Both paths: decode-sized inputs (quantised matmul) and larger ones (dequantised).
-        for rows in [5, SKINNY_ROWS + 3] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 512), &dev).unwrap();
-            let dense = Linear::new(w.clone(), None).unwrap().forward(&x).unwrap();
-            for (q, expected, tol) in [
-                (Quantization::Q8_0, GgmlDType::Q8_0, 0.01),
-                (Quantization::Q4K, GgmlDType::Q4K, 0.12),
-            ] {
-                let lin = {
-                    let _scope = QuantizeScope::new(Some(q));
-                    Linear::new(w.clone(), None).unwrap()
-                };
-                assert_eq!(lin.quantized(), Some(expected));
-                let y = lin.forward(&x).unwrap();
-                let l2 = |t: &Tensor| {
-                    let s: f32 = t.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-                    s.sqrt()
-                };
-                let (err, norm) = (l2(&(&y - &dense).unwrap()), l2(&dense));
-                assert!(err / norm < tol, "{q:?}: relative error {}", err / norm);
-            }
-        }
-        // The scope ends with its value; widths that q4k cannot take fall back to q8_0, and
-        // widths no format takes stay dense.
-        assert_eq!(Linear::new(w.clone(), None).unwrap().quantized(), None);
-        let _scope = QuantizeScope::new(Some(Quantization::Q4K));
-        let narrow = Tensor::randn(0f32, 1.0, (8, 96), &dev).unwrap();
-        assert_eq!(
-            Linear::new(narrow, None).unwrap().quantized(),
-            Some(GgmlDType::Q8_0)
-        );
-        let odd = Tensor::randn(0f32, 1.0, (8, 50), &dev).unwrap();
-        assert_eq!(Linear::new(odd, None).unwrap().quantized(), None);
     }
 }

@@ -39,7 +39,7 @@ impl Q8Matrix {
             candle_core::bail!("unexpected q8_0 storage size {}", data.len());
         }
         let mut qs = Vec::with_capacity(n * k);
-        super::linear::advise_huge_pages(qs.as_ptr() as *const u8, n * k);
+        super::memory::advise_huge_pages(qs.as_ptr() as *const u8, n * k);
         let mut scales = Vec::with_capacity(n * k / QK);
         for block in data.chunks_exact(BLOCK_BYTES) {
             scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
@@ -143,7 +143,7 @@ mod vnni {
     //! Blocks of 32 multiplied in integers: |w| (u8) times x·sign(w) (i8) summed by
     //! `vpdpbusd` into 8 lanes, then scaled by both blocks' scales in f32.
     use super::QK;
-    use crate::model::linear::avx2::hsum;
+    use crate::kernels::cpu::decode::avx2::hsum;
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
@@ -284,7 +284,7 @@ mod avx2 {
     //! Tiles of up to 4 input rows x 2 weight rows: each 8 weights are widened to f32 and
     //! scaled once, then serve every input row of the tile.
     use super::QK;
-    use crate::model::linear::avx2::hsum;
+    use crate::kernels::cpu::decode::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// 8 signed bytes at `p`, as f32, times `scale`.

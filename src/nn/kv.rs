@@ -1,4 +1,7 @@
-//! A self-attention key/value cache that grows in place. Concatenating each step's key and value
+//! Key/value state helpers shared by the language models: a self-attention cache that grows in
+//! place, padded concatenation of two batches' caches and masks, and the row-gather shortcut.
+//!
+//! The cache grows in place. Concatenating each step's key and value
 //! onto the cache copies the whole cache every step, a cost that grows with the sequence (at
 //! batch 8 and 500 positions, 2.6 GB a step for OPT-2.7b, a quarter of its weights). Here the
 //! keys and values live in buffers with spare positions: a step writes its position in place,
@@ -101,10 +104,53 @@ impl KvBuffer {
     /// `self`'s rows then `other`'s, the shorter cache zero-padded on the left (`left`) or the
     /// right along the positions.
     pub fn merge(self, other: KvBuffer, left: bool) -> Result<Self> {
-        let k = super::opt::cat_padded(&self.keys()?, &other.keys()?, 2, left)?;
-        let v = super::opt::cat_padded(&self.values()?, &other.values()?, 2, left)?;
+        let k = cat_padded(&self.keys()?, &other.keys()?, 2, left)?;
+        let v = cat_padded(&self.values()?, &other.values()?, 2, left)?;
         Self::new(&k, &v)
     }
+}
+
+/// `rows` is `0..batch`: a gather that would change nothing.
+pub fn is_identity(rows: &[usize], batch: usize) -> bool {
+    rows.len() == batch && rows.iter().enumerate().all(|(i, &r)| i == r)
+}
+
+/// Concatenates `a` and `b` along dim 0 after zero-padding the shorter one along `dim` to the
+/// longer's length, at the front (`front`) or the back.
+pub fn cat_padded(a: &Tensor, b: &Tensor, dim: usize, front: bool) -> candle_core::Result<Tensor> {
+    let len = a.dim(dim)?.max(b.dim(dim)?);
+    let pad = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let missing = len - t.dim(dim)?;
+        if missing == 0 {
+            return Ok(t.clone());
+        }
+        let mut shape = t.dims().to_vec();
+        shape[dim] = missing;
+        let zeros = Tensor::zeros(shape, t.dtype(), t.device())?;
+        if front {
+            Tensor::cat(&[&zeros, t], dim)
+        } else {
+            Tensor::cat(&[t, &zeros], dim)
+        }
+    };
+    Tensor::cat(&[&pad(a)?, &pad(b)?], 0)
+}
+
+/// Row masks of two batches padded with 0 to a common length (at the front or the back), `a`'s
+/// rows first.
+pub fn merge_masks(a: &[Vec<u8>], b: &[Vec<u8>], front: bool) -> Vec<Vec<u8>> {
+    let len = a.iter().chain(b).map(Vec::len).max().unwrap_or(0);
+    a.iter()
+        .chain(b)
+        .map(|m| {
+            let pad = std::iter::repeat_n(0u8, len - m.len());
+            if front {
+                pad.chain(m.iter().copied()).collect()
+            } else {
+                m.iter().copied().chain(pad).collect()
+            }
+        })
+        .collect()
 }
 
 /// A zeroed `[B, H, capacity, hd]` buffer shaped like `t` with room for `len` positions and

@@ -1,0 +1,46 @@
+//! Attention helpers shared by the towers: head split and merge, f32 scaling as torch does it,
+//! and [`attend`], the one attention function that picks a kernel (the CPU decode-step kernel
+//! for one query per row, else candle's matmul + softmax).
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::kernels::cpu::attention::attend_one_query;
+
+/// `xs * factor`, computed in f32 as torch does for half dtypes (candle would round the factor
+/// to the tensor's dtype first).
+pub fn scale(xs: &Tensor, factor: f64) -> Result<Tensor> {
+    if xs.dtype() == DType::F32 {
+        xs * factor
+    } else {
+        (xs.to_dtype(DType::F32)? * factor)?.to_dtype(xs.dtype())
+    }
+}
+
+/// `softmax(q k^T + bias) v` with q [B, H, S, hd], k and v [B, H, T, hd] and an additive
+/// `bias` broadcastable to [B, H, S, T] (masks with f32::MIN, T5's position bias). Scores and
+/// softmax run in f32 whatever the weights' dtype, as the reference does. One query per row with
+/// a [B, 1, 1, T] mask in f32 on the CPU takes the decode-step kernel.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if let Some(ctx) = attend_one_query(q, k, v, bias)? {
+        return Ok(ctx);
+    }
+    let scores = q
+        .matmul(&k.t()?)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(bias)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    probs.matmul(v)
+}
+/// Splits `[B, T, H*hd]` into heads `[B, H, T, hd]` (contiguous, ready for matmul).
+pub fn split_heads(xs: &Tensor, num_heads: usize) -> Result<Tensor> {
+    let (b, t, d) = xs.dims3()?;
+    xs.reshape((b, t, num_heads, d / num_heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Joins heads `[B, H, T, hd]` back into `[B, T, H*hd]`.
+pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
+    let (b, h, t, hd) = xs.dims4()?;
+    xs.transpose(1, 2)?.reshape((b, t, h * hd))
+}

@@ -1,0 +1,301 @@
+//! Linear layers, and the one place that chooses how a matrix product runs.
+//!
+//! Weights stay in the checkpoint's [out, in] layout. [`Linear::forward`] picks the kernel from
+//! the device, dtype and shape: inputs of at most [`SKINNY_ROWS`] rows (decode steps) whose
+//! weights are f32 on the CPU go through `kernels::cpu::decode` (the cost is reading the
+//! weights, whatever the batch); q8_0 weights through `kernels::cpu::q8`; everything else
+//! (prefill, the vision encoder, other devices) through candle's matmul.
+//!
+//! Quantisation (q8_0, q4k) is an explicit argument of the constructor: the loader asks for it
+//! for the vision encoder and the language model, so the f32 copy of a quantised model never
+//! exists in full; the Q-Former, projection, norms and embeddings stay in the load dtype.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::kernels::cpu::decode::skinny_matmul;
+pub use crate::kernels::cpu::decode::SKINNY_ROWS;
+use crate::kernels::cpu::q8::Q8Matrix;
+use crate::kernels::cpu::with_f32_slice;
+
+/// Weight formats a `--quantize` run may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    Q8_0,
+    Q4K,
+}
+
+impl Quantization {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// [out, in], contiguous.
+    Dense(Tensor),
+    /// q8_0 with our own kernels (no repacked copy: see `kernels::cpu::q8`).
+    Q8(Arc<Q8Matrix>),
+    /// `matmul` serves inputs of up to [`SKINNY_ROWS`] rows (decode: reading the quantised
+    /// weights is the cost); larger inputs (prefill, the vision encoder) are compute-bound and
+    /// multiply by `qtensor` dequantised to f32 for the call.
+    Quantized {
+        matmul: Arc<QMatMul>,
+        qtensor: Arc<QTensor>,
+        out: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// From a weight in the checkpoint's [out, in] layout, quantised when `quantize` asks and the
+    /// weight is on the CPU (q4k where the input width is a multiple of 256, else q8_0 where it is
+    /// a multiple of 32, else kept as it is).
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
+        let weight = match quantize {
+            Some(q) if weight.device().is_cpu() => self::quantize(&weight, q)?,
+            _ => None,
+        }
+        .unwrap_or(Weight::Dense(weight.contiguous()?));
+        Ok(Self { weight, bias })
+    }
+
+    /// The quantised format of the weight, if any.
+    pub fn quantized(&self) -> Option<GgmlDType> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Q8(_) => Some(GgmlDType::Q8_0),
+            Weight::Quantized { qtensor, .. } => Some(qtensor.dtype()),
+        }
+    }
+}
+
+fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
+    let (out, k) = weight.dims2()?;
+    let dtype = [q.ggml(), GgmlDType::Q8_0]
+        .into_iter()
+        .find(|d| k % d.block_size() == 0);
+    let Some(dtype) = dtype else { return Ok(None) };
+    if dtype == GgmlDType::Q8_0 {
+        return Ok(Some(Weight::Q8(Arc::new(Q8Matrix::quantize(weight)?))));
+    }
+    let qtensor = Arc::new(QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?);
+    Ok(Some(Weight::Quantized {
+        matmul: Arc::new(QMatMul::from_arc(qtensor.clone())?),
+        qtensor,
+        out,
+    }))
+}
+
+/// `xs` [..., k] as rows [rows, k], and the output shape for `n` output features.
+fn rows_of(xs: &Tensor, n: usize) -> Result<(Tensor, usize, Vec<usize>)> {
+    let mut shape = xs.dims().to_vec();
+    let k = *shape
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("Linear input has no dimensions".into()))?;
+    let rows = xs.elem_count() / k.max(1);
+    *shape.last_mut().expect("checked non-empty") = n;
+    Ok((xs.contiguous()?.reshape((rows, k))?, rows, shape))
+}
+
+impl Linear {
+    /// Flattens `xs` to f32 rows [rows, k], multiplies with `matmul`, restores the shape and
+    /// dtype and adds the bias.
+    fn quantized_forward(
+        &self,
+        xs: &Tensor,
+        out: usize,
+        matmul: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (x2, rows, shape) = rows_of(&xs.to_dtype(DType::F32)?, out)?;
+        let y = matmul(&x2, rows)?.to_dtype(xs.dtype())?.reshape(shape)?;
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Dense weights: the decode kernel for few f32 CPU rows, else candle's matmul.
+    fn dense_forward(&self, xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let n = weight.dim(0)?;
+        let (x2, rows, shape) = rows_of(xs, n)?;
+        let k = x2.dim(1)?;
+        let skinny = rows <= SKINNY_ROWS && xs.dtype() == DType::F32 && xs.device().is_cpu();
+        let fast = if skinny {
+            let x = x2.flatten_all()?.to_vec1::<f32>()?;
+            with_f32_slice(weight, |w| skinny_matmul(&x, w, rows, k, n))?
+        } else {
+            None
+        };
+        let out = match fast {
+            Some(out) => Tensor::from_vec(out, (rows, n), xs.device())?,
+            None => x2.matmul(&weight.t()?)?,
+        };
+        self.add_bias(out.reshape(shape)?)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => self.dense_forward(xs, w),
+            Weight::Q8(q) => self.quantized_forward(xs, q.out_features(), |x2, rows| {
+                if rows <= SKINNY_ROWS && xs.device().is_cpu() {
+                    let x = x2.flatten_all()?.to_vec1::<f32>()?;
+                    Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())
+                } else {
+                    x2.matmul(&q.dequantize(xs.device())?.t()?)
+                }
+            }),
+            Weight::Quantized {
+                matmul,
+                qtensor,
+                out,
+            } => self.quantized_forward(xs, *out, |x2, rows| {
+                if rows <= SKINNY_ROWS {
+                    matmul.forward(x2)
+                } else {
+                    x2.matmul(&qtensor.dequantize(xs.device())?.t()?)
+                }
+            }),
+        }
+    }
+}
+
+/// The `weight` (and `bias`) under `vb`, [out, in] as HF stores them.
+pub fn linear_b(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+    quantize: Option<Quantization>,
+) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Linear::new(weight, bias, quantize)
+}
+
+pub fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    quantize: Option<Quantization>,
+) -> Result<Linear> {
+    linear_b(in_dim, out_dim, true, vb, quantize)
+}
+
+pub fn linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    quantize: Option<Quantization>,
+) -> Result<Linear> {
+    linear_b(in_dim, out_dim, false, vb, quantize)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn skinny_path_agrees_with_matmul() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (37, 53), &dev).unwrap();
+        let lin = Linear::new(w.clone(), None, None).unwrap();
+        for rows in [1, 3, SKINNY_ROWS, SKINNY_ROWS + 1] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 53), &dev).unwrap();
+            let ours = lin.forward(&x).unwrap();
+            let reference = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "rows {rows}: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_skinny_row_is_bit_identical_whatever_rows_are_beside_it() {
+        let dev = Device::Cpu;
+        // 2600 columns: several chunks of the multi-tile path, and a tail past the last 8.
+        let w = Tensor::randn(0f32, 1.0, (37, 2601), &dev).unwrap();
+        let lin = Linear::new(w, None, None).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (SKINNY_ROWS, 2601), &dev).unwrap();
+        let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        let all = rows(&lin.forward(&x).unwrap());
+        for m in [1, 3, 5, 8] {
+            let part = rows(&lin.forward(&x.narrow(0, 2, m).unwrap()).unwrap());
+            assert_eq!(part, all[2..2 + m].to_vec(), "{m} rows");
+        }
+    }
+
+    #[test]
+    fn quantized_weights_stay_close_and_fall_back_by_width() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 512), &dev).unwrap();
+        // Both paths: decode-sized inputs (quantised matmul) and larger ones (dequantised).
+        for rows in [5, SKINNY_ROWS + 3] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 512), &dev).unwrap();
+            let dense = Linear::new(w.clone(), None, None)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            for (q, expected, tol) in [
+                (Quantization::Q8_0, GgmlDType::Q8_0, 0.01),
+                (Quantization::Q4K, GgmlDType::Q4K, 0.12),
+            ] {
+                let lin = Linear::new(w.clone(), None, Some(q)).unwrap();
+                assert_eq!(lin.quantized(), Some(expected));
+                let y = lin.forward(&x).unwrap();
+                let l2 = |t: &Tensor| {
+                    let s: f32 = t.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                    s.sqrt()
+                };
+                let (err, norm) = (l2(&(&y - &dense).unwrap()), l2(&dense));
+                assert!(err / norm < tol, "{q:?}: relative error {}", err / norm);
+            }
+        }
+        // Without the option the weight stays dense; widths that q4k cannot take fall back to
+        // q8_0, and widths no format takes stay dense.
+        assert_eq!(
+            Linear::new(w.clone(), None, None).unwrap().quantized(),
+            None
+        );
+        let q4k = Some(Quantization::Q4K);
+        let narrow = Tensor::randn(0f32, 1.0, (8, 96), &dev).unwrap();
+        assert_eq!(
+            Linear::new(narrow, None, q4k).unwrap().quantized(),
+            Some(GgmlDType::Q8_0)
+        );
+        let odd = Tensor::randn(0f32, 1.0, (8, 50), &dev).unwrap();
+        assert_eq!(Linear::new(odd, None, q4k).unwrap().quantized(), None);
+    }
+}

@@ -1,0 +1,12 @@
+//! Reusable layers between the model architectures and the kernels: [`Linear`] (with explicit
+//! quantisation and the one matmul dispatch), attention (head split/merge, [`attention::attend`]
+//! with the one attention dispatch), KV buffers, activations. Nothing here knows a model family
+//! or a checkpoint layout; nothing here touches a tensor's storage (that is `kernels/`).
+
+pub mod activation;
+pub mod attention;
+pub mod kv;
+pub mod linear;
+
+pub use activation::Activation;
+pub use linear::{linear, linear_b, linear_no_bias, Linear, Quantization};
