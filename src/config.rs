@@ -369,6 +369,19 @@ impl ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// The `vqa_template_<model_type>` keys, by model type.
+    pub fn vqa_templates(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("opt", &self.vqa_template_opt),
+            ("t5", &self.vqa_template_t5),
+        ]
+        .into_iter()
+        .map(|(family, template)| (family.to_string(), template.clone()))
+        .collect()
+    }
+}
+
 fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),

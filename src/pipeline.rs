@@ -69,14 +69,6 @@ impl Blip2Pipeline {
     pub fn load_files(files: &ModelFiles, options: &LoadOptions) -> Result<Self, PipelineError> {
         let model =
             Blip2Model::load_quantized(files, options.dtype, &options.device, options.quantize)?;
-        if options.quantize.is_some()
-            && matches!(model.config.text, crate::model::TextConfig::T5(_))
-        {
-            tracing::warn!(
-                "quantised Flan-T5 drifts far from f32 on a random-weight flan-t5-xl (BENCHMARKS.md): \
-                 compare its outputs with f32 on your checkpoint before relying on them"
-            );
-        }
         let ignored = model.config.generation.unsupported();
         if !ignored.is_empty() {
             tracing::warn!(

@@ -16,7 +16,6 @@ use crate::api::{app, openapi_json, AppState, Limits};
 use crate::config::ServerConfig;
 use crate::engine::{self, EngineConfig};
 use crate::metrics::Metrics;
-use crate::model::TextConfig;
 use crate::pipeline::Blip2Pipeline;
 
 #[derive(Debug, Clone)]
@@ -30,8 +29,9 @@ pub struct ServeOptions {
     pub max_new_tokens: usize,
     /// Images decoded at once (a bounded pool off the async runtime).
     pub preprocess_workers: usize,
-    pub vqa_template_opt: String,
-    pub vqa_template_t5: String,
+    /// VQA prompt per `model_type` (the `vqa_template_<model_type>` keys); a family without
+    /// one uses its own default.
+    pub vqa_templates: std::collections::BTreeMap<String, String>,
     pub api_key: Option<String>,
     pub cors_allow_origins: Vec<String>,
     pub shutdown_grace: Duration,
@@ -60,8 +60,7 @@ impl ServeOptions {
             max_prompt_tokens: c.max_prompt_tokens,
             max_new_tokens: c.max_new_tokens,
             preprocess_workers: c.preprocess_workers,
-            vqa_template_opt: c.vqa_template_opt.clone(),
-            vqa_template_t5: c.vqa_template_t5.clone(),
+            vqa_templates: c.vqa_templates(),
             api_key: (!c.api_key.is_empty()).then(|| c.api_key.clone()),
             cors_allow_origins: c.cors_allow_origins.clone(),
             shutdown_grace: Duration::from_secs(c.shutdown_grace_s),
@@ -98,10 +97,12 @@ pub async fn run(
     let images = pipeline.images.clone();
     let prompts = pipeline.prompts.clone();
     let defaults = pipeline.default_params();
-    let vqa_template = match pipeline.model.config.text {
-        TextConfig::Opt(_) => options.vqa_template_opt.clone(),
-        TextConfig::T5(_) => options.vqa_template_t5.clone(),
-    };
+    let lm = pipeline.model.language_model.as_ref();
+    let vqa_template = options
+        .vqa_templates
+        .get(lm.model_type())
+        .cloned()
+        .unwrap_or_else(|| lm.default_vqa_template().to_string());
     let limits = Limits {
         max_body_bytes: options.max_body_bytes,
         max_images_per_request: options.max_images_per_request,
@@ -109,16 +110,13 @@ pub async fn run(
         max_new_tokens: options.max_new_tokens,
         max_batch_tokens: options.engine.max_batch_tokens,
         num_query_tokens: pipeline.model.config.num_query_tokens,
-        max_positions: match &pipeline.model.config.text {
-            TextConfig::Opt(c) => Some(c.max_position_embeddings),
-            TextConfig::T5(_) => None,
-        },
+        max_positions: lm.position_limit(),
         request_timeout: options.request_timeout,
     };
     let info = serde_json::json!({
         "model_id": options.model_id,
         "revision": options.revision,
-        "model_type": pipeline.model.config.text.model_type(),
+        "model_type": lm.model_type(),
         "dtype": format!("{:?}", pipeline.model.dtype()).to_lowercase(),
         "quantize": options.quantize,
         "device": "cpu",

@@ -23,9 +23,7 @@ pub use beam::BeamSearch;
 pub use detok::IncrementalDecoder;
 
 pub use crate::model::config::GenerationDefaults;
-use crate::model::opt::{causal_mask, OptKvCache};
-use crate::model::t5::T5DecoderState;
-use crate::model::{Blip2Model, LanguageModel, ModelError, Result};
+use crate::model::{Blip2Model, DecodeState, ModelError, Prefilled, Result};
 use crate::prompt::{Prompt, PromptBuilder};
 
 /// Per-request decoding settings.
@@ -321,21 +319,12 @@ struct RequestState {
     live_rows: usize,
 }
 
-enum LmState {
-    Opt {
-        cache: OptKvCache,
-        key_mask: Vec<Vec<u8>>,
-    },
-    T5 {
-        state: T5DecoderState,
-    },
-}
-
 /// A batch of requests being decoded together.
 pub struct DecodeBatch<'m> {
     model: &'m Blip2Model,
     tok: &'m PromptBuilder,
-    state: LmState,
+    /// The language model's state for the live rows (opaque: see `model::lm`).
+    state: Box<dyn DecodeState>,
     requests: Vec<RequestState>,
     /// Next-token logits of the live model rows [rows, V] in f32, rows grouped by request.
     logits: Tensor,
@@ -378,88 +367,29 @@ impl<'m> DecodeBatch<'m> {
         for r in requests {
             r.params.validate()?;
         }
-        let device = model.device();
+        let lm = model.language_model.as_ref();
         let pad = model.config.text.pad_token_id().unwrap_or(0);
-        let longest = requests
+        if let Some(max_positions) = lm.position_limit() {
+            // Positions count each row's real tokens only, so the limit is per request.
+            for r in requests {
+                let (len, new) = (r.prompt.text_ids.len(), r.params.max_new_tokens);
+                if q.saturating_add(len).saturating_add(new) > max_positions {
+                    return Err(ModelError::Input(format!(
+                        "{q} query tokens + {len} prompt tokens + {new} new tokens exceed the model's {max_positions} positions"
+                    )));
+                }
+            }
+        }
+        let prompts: Vec<&[u32]> = requests
             .iter()
-            .map(|r| r.prompt.text_ids.len())
-            .max()
-            .unwrap_or(0);
-        let mut encoder_output = None;
-        let (state, logits) = match &model.language_model {
-            LanguageModel::Opt(opt) => {
-                let max_positions = opt.max_positions();
-                // Positions count each row's real tokens only, so the limit is per request.
-                for r in requests {
-                    let (len, new) = (r.prompt.text_ids.len(), r.params.max_new_tokens);
-                    if q.saturating_add(len).saturating_add(new) > max_positions {
-                        return Err(ModelError::Input(format!(
-                            "{q} query tokens + {len} prompt tokens + {new} new tokens exceed the model's {max_positions} positions"
-                        )));
-                    }
-                }
-                let mut ids = Vec::with_capacity(b * longest);
-                let mut key_mask = Vec::with_capacity(b);
-                let mut positions = Vec::with_capacity(b);
-                for r in requests {
-                    let text = &r.prompt.text_ids;
-                    let pads = longest - text.len();
-                    ids.extend(std::iter::repeat_n(pad, pads));
-                    ids.extend_from_slice(text);
-                    let mask: Vec<u8> = std::iter::repeat_n(1u8, q)
-                        .chain(std::iter::repeat_n(0, pads))
-                        .chain(std::iter::repeat_n(1, text.len()))
-                        .collect();
-                    let mut seen = 0i64;
-                    positions.push(
-                        mask.iter()
-                            .map(|&m| {
-                                seen += m as i64;
-                                if m == 1 {
-                                    seen - 1
-                                } else {
-                                    -1
-                                }
-                            })
-                            .collect::<Vec<_>>(),
-                    );
-                    key_mask.push(mask);
-                }
-                let ids = Tensor::from_vec(ids, (b, longest), device)?;
-                let embeds = Tensor::cat(&[query_embeds, &opt.embed(&ids)?], 1)?;
-                let mask = causal_mask(&key_mask, 0, q + longest, device)?;
-                let mut cache = opt.new_cache();
-                let hidden = opt.forward(&embeds, &positions, &mask, &mut cache)?;
-                (LmState::Opt { cache, key_mask }, opt.last_logits(&hidden)?)
-            }
-            LanguageModel::T5(t5) => {
-                let mut ids = Vec::with_capacity(b * longest);
-                let mut mask = Vec::with_capacity(b);
-                for r in requests {
-                    let text = &r.prompt.text_ids;
-                    let pads = longest - text.len();
-                    ids.extend_from_slice(text);
-                    ids.extend(std::iter::repeat_n(pad, pads));
-                    mask.push(
-                        std::iter::repeat_n(1u8, q + text.len())
-                            .chain(std::iter::repeat_n(0, pads))
-                            .collect::<Vec<_>>(),
-                    );
-                }
-                let ids = Tensor::from_vec(ids, (b, longest), device)?;
-                let embeds = Tensor::cat(&[query_embeds, &t5.embed(&ids)?], 1)?;
-                let encoded = t5.encode(&embeds, &mask)?;
-                let mut state = t5.start_decoding(&encoded, &mask)?;
-                let start = vec![t5.decoder_start_token_id(); b];
-                let logits = t5.decode_step(&start, &mut state)?;
-                encoder_output = Some(encoded);
-                (LmState::T5 { state }, logits)
-            }
-        };
-        let decoder_start = match &model.language_model {
-            LanguageModel::T5(t5) => Some(t5.decoder_start_token_id()),
-            LanguageModel::Opt(_) => None,
-        };
+            .map(|r| r.prompt.text_ids.as_slice())
+            .collect();
+        let Prefilled {
+            state,
+            logits,
+            encoder_output,
+        } = lm.prefill(query_embeds, &prompts, pad)?;
+        let decoder_start = lm.decoder_start();
         let requests = requests
             .iter()
             .map(|r| {
@@ -532,20 +462,7 @@ impl<'m> DecodeBatch<'m> {
             return Ok(());
         }
         // Rows are grouped by request in order; a finished request holds no rows.
-        match (&mut self.state, other.state) {
-            (
-                LmState::Opt { cache, key_mask },
-                LmState::Opt {
-                    cache: theirs,
-                    key_mask: their_mask,
-                },
-            ) => {
-                cache.merge(theirs)?;
-                *key_mask = crate::nn::kv::merge_masks(key_mask, &their_mask, true);
-            }
-            (LmState::T5 { state }, LmState::T5 { state: theirs }) => state.merge(theirs)?,
-            _ => unreachable!("both batches run the same model"),
-        }
+        self.state.merge(other.state)?;
         self.logits = Tensor::cat(&[&self.logits, &other.logits], 0)?;
         self.requests.extend(other.requests);
         self.encoder_output = None;
@@ -622,29 +539,9 @@ impl<'m> DecodeBatch<'m> {
         if parents.is_empty() {
             return Ok(());
         }
-        let device = self.model.device();
-        self.logits = match (&self.model.language_model, &mut self.state) {
-            (LanguageModel::Opt(opt), LmState::Opt { cache, key_mask }) => {
-                cache.select_rows(&parents)?;
-                *key_mask = parents.iter().map(|&p| key_mask[p].clone()).collect();
-                let past = cache.len();
-                let mut positions = Vec::with_capacity(parents.len());
-                for m in key_mask.iter_mut() {
-                    m.push(1);
-                    positions.push(vec![m.iter().map(|&v| v as i64).sum::<i64>() - 1]);
-                }
-                let ids = Tensor::from_vec(tokens.clone(), (tokens.len(), 1), device)?;
-                let embeds = opt.embed(&ids)?;
-                let mask = causal_mask(key_mask, past, 1, device)?;
-                let hidden = opt.forward(&embeds, &positions, &mask, cache)?;
-                opt.last_logits(&hidden)?
-            }
-            (LanguageModel::T5(t5), LmState::T5 { state }) => {
-                state.select_rows(&parents)?;
-                t5.decode_step(&tokens, state)?
-            }
-            _ => unreachable!("state is built for the model it runs"),
-        };
+        let lm = self.model.language_model.as_ref();
+        self.state.select_rows(&parents)?;
+        self.logits = lm.step(self.state.as_mut(), &tokens)?;
         Ok(())
     }
 

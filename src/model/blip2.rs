@@ -9,18 +9,13 @@ use candle_nn::{Module, VarBuilder};
 use crate::nn::{linear, Linear, Quantization};
 
 use super::config::{Blip2Config, TextConfig};
+use super::lm::LanguageModel;
 use super::loader::{ModelFiles, SafetensorsWeights};
 use super::opt::OptDecoder;
 use super::qformer::QFormer;
 use super::t5::T5Model;
 use super::vision::VisionEncoder;
 use super::{ModelError, Result};
-
-/// The language model half.
-pub enum LanguageModel {
-    Opt(OptDecoder),
-    T5(T5Model),
-}
 
 /// Intermediate results of the image path, kept for parity tests and caching.
 pub struct ImageFeatures {
@@ -37,7 +32,8 @@ pub struct Blip2Model {
     pub vision: VisionEncoder,
     pub qformer: QFormer,
     language_projection: Linear,
-    pub language_model: LanguageModel,
+    /// The family behind the seam (`lm.rs`); chosen once, below, from `text_config`.
+    pub language_model: Box<dyn LanguageModel>,
     dtype: DType,
     device: Device,
 }
@@ -60,6 +56,12 @@ impl Blip2Model {
             return Err(ModelError::Config(
                 "Flan-T5 overflows in f16 (as in the reference); use --dtype f32 or bf16".into(),
             ));
+        }
+        if quantize.is_some() && matches!(config.text, TextConfig::T5(_)) {
+            tracing::warn!(
+                "quantised Flan-T5 drifts far from f32 on a random-weight flan-t5-xl (BENCHMARKS.md): \
+                 compare its outputs with f32 on your checkpoint before relying on them"
+            );
         }
         let weights = SafetensorsWeights::open(&files.weights)?;
         Self::build(config, weights.into_var_builder(dtype, device), quantize)
@@ -93,11 +95,10 @@ impl Blip2Model {
         )
         .map_err(|e| wrap(e.into()))?;
         let lm_vb = vb.pp("language_model");
-        let language_model = match &config.text {
-            TextConfig::Opt(c) => {
-                LanguageModel::Opt(OptDecoder::new(c, lm_vb, quantize).map_err(wrap)?)
-            }
-            TextConfig::T5(c) => LanguageModel::T5(T5Model::new(c, lm_vb, quantize).map_err(wrap)?),
+        // The one place a family is chosen: a new family is a file and an arm here.
+        let language_model: Box<dyn LanguageModel> = match &config.text {
+            TextConfig::Opt(c) => Box::new(OptDecoder::new(c, lm_vb, quantize).map_err(wrap)?),
+            TextConfig::T5(c) => Box::new(T5Model::new(c, lm_vb, quantize).map_err(wrap)?),
         };
         Ok(Self {
             dtype: vb.dtype(),

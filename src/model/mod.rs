@@ -6,14 +6,16 @@
 
 pub mod blip2;
 pub mod config;
+pub mod lm;
 pub mod loader;
 pub mod opt;
 pub mod qformer;
 pub mod t5;
 pub mod vision;
 
-pub use blip2::{Blip2Model, LanguageModel};
+pub use blip2::Blip2Model;
 pub use config::{Blip2Config, TextConfig};
+pub use lm::{DecodeState, LanguageModel, Prefilled};
 pub use loader::{ModelFiles, ModelSource};
 
 /// Errors from loading or running the model.

@@ -9,10 +9,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, LayerNorm, VarBuilder};
 
 use crate::nn::attention::{attend, merge_heads, scale, split_heads};
-use crate::nn::kv::{is_identity, KvBuffer};
+use std::any::Any;
+
+use crate::nn::kv::{is_identity, merge_masks, KvBuffer};
 use crate::nn::{linear_b, Activation, Linear, Quantization};
 
 use super::config::OptConfig;
+use super::lm::{downcast, downcast_box, DecodeState, LanguageModel, Prefilled};
 use super::{ModelError, Result};
 
 /// transformers' `OPTLearnedPositionalEmbedding.offset`.
@@ -315,5 +318,114 @@ impl OptDecoder {
         let s = hidden.dim(1)?;
         let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
         Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// A batch's OPT state: the KV cache and, per row, which cached positions are real (1) or
+/// padding (0). A row's position is the count of its real keys, so rows padded differently
+/// decode as they would alone.
+struct OptState {
+    cache: OptKvCache,
+    key_mask: Vec<Vec<u8>>,
+}
+
+impl DecodeState for OptState {
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        self.cache.select_rows(rows)?;
+        self.key_mask = rows.iter().map(|&p| self.key_mask[p].clone()).collect();
+        Ok(())
+    }
+
+    fn merge(&mut self, other: Box<dyn DecodeState>) -> Result<()> {
+        let other = downcast_box::<OptState>(other)?;
+        self.cache.merge(other.cache)?;
+        self.key_mask = merge_masks(&self.key_mask, &other.key_mask, true);
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+impl LanguageModel for OptDecoder {
+    fn model_type(&self) -> &'static str {
+        "opt"
+    }
+
+    /// Left padding (as the reference's processor pads OPT batches): `[queries][pads][text]`,
+    /// the pads masked and skipped by the positions.
+    fn prefill(&self, query_embeds: &Tensor, prompts: &[&[u32]], pad: u32) -> Result<Prefilled> {
+        let (b, q, _) = query_embeds.dims3()?;
+        let device = query_embeds.device();
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * longest);
+        let mut key_mask = Vec::with_capacity(b);
+        let mut positions = Vec::with_capacity(b);
+        for text in prompts {
+            let pads = longest - text.len();
+            ids.extend(std::iter::repeat_n(pad, pads));
+            ids.extend_from_slice(text);
+            let mask: Vec<u8> = std::iter::repeat_n(1u8, q)
+                .chain(std::iter::repeat_n(0, pads))
+                .chain(std::iter::repeat_n(1, text.len()))
+                .collect();
+            let mut seen = 0i64;
+            positions.push(
+                mask.iter()
+                    .map(|&m| {
+                        seen += m as i64;
+                        if m == 1 {
+                            seen - 1
+                        } else {
+                            -1
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            key_mask.push(mask);
+        }
+        let ids = Tensor::from_vec(ids, (b, longest), device)?;
+        let embeds = Tensor::cat(&[query_embeds, &self.embed(&ids)?], 1)?;
+        let mask = causal_mask(&key_mask, 0, q + longest, device)?;
+        let mut cache = self.new_cache();
+        let hidden = self.forward(&embeds, &positions, &mask, &mut cache)?;
+        Ok(Prefilled {
+            state: Box::new(OptState { cache, key_mask }),
+            logits: self.last_logits(&hidden)?,
+            encoder_output: None,
+        })
+    }
+
+    fn step(&self, state: &mut dyn DecodeState, tokens: &[u32]) -> Result<Tensor> {
+        let OptState { cache, key_mask } = downcast::<OptState>(state)?;
+        let device = self.embed_tokens.embeddings().device().clone();
+        let past = cache.len();
+        let mut positions = Vec::with_capacity(key_mask.len());
+        for m in key_mask.iter_mut() {
+            m.push(1);
+            positions.push(vec![m.iter().map(|&v| v as i64).sum::<i64>() - 1]);
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &device)?;
+        let embeds = self.embed(&ids)?;
+        let mask = causal_mask(key_mask, past, 1, &device)?;
+        let hidden = self.forward(&embeds, &positions, &mask, cache)?;
+        self.last_logits(&hidden)
+    }
+
+    fn position_limit(&self) -> Option<usize> {
+        Some(self.max_positions)
+    }
+
+    fn decoder_start(&self) -> Option<u32> {
+        None
+    }
+
+    fn default_vqa_template(&self) -> &'static str {
+        "Question: {} Answer:"
     }
 }

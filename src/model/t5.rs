@@ -12,11 +12,14 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
+use std::any::Any;
+
 use crate::nn::attention::{attend, merge_heads, scale, split_heads};
 use crate::nn::kv::{cat_padded, is_identity, merge_masks, KvBuffer};
 use crate::nn::{linear_no_bias, Activation, Linear, Quantization};
 
 use super::config::T5Config;
+use super::lm::{downcast, downcast_box, DecodeState, LanguageModel, Prefilled};
 use super::{ModelError, Result};
 
 /// T5's LayerNorm: no mean subtraction, no bias, variance in f32.
@@ -521,6 +524,75 @@ impl T5Model {
             xs = scale(&xs, s)?;
         }
         Ok(self.lm_head.forward(&xs)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl DecodeState for T5DecoderState {
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        T5DecoderState::select_rows(self, rows)
+    }
+
+    fn merge(&mut self, other: Box<dyn DecodeState>) -> Result<()> {
+        T5DecoderState::merge(self, *downcast_box::<T5DecoderState>(other)?)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+impl LanguageModel for T5Model {
+    fn model_type(&self) -> &'static str {
+        "t5"
+    }
+
+    /// Right padding (as the reference's processor pads T5 batches): the encoder reads
+    /// `[queries][text][pads]`, the pads masked; the decoder starts from its start id.
+    fn prefill(&self, query_embeds: &Tensor, prompts: &[&[u32]], pad: u32) -> Result<Prefilled> {
+        let (b, q, _) = query_embeds.dims3()?;
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * longest);
+        let mut mask = Vec::with_capacity(b);
+        for text in prompts {
+            let pads = longest - text.len();
+            ids.extend_from_slice(text);
+            ids.extend(std::iter::repeat_n(pad, pads));
+            mask.push(
+                std::iter::repeat_n(1u8, q + text.len())
+                    .chain(std::iter::repeat_n(0, pads))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let ids = Tensor::from_vec(ids, (b, longest), query_embeds.device())?;
+        let embeds = Tensor::cat(&[query_embeds, &self.embed(&ids)?], 1)?;
+        let encoded = self.encode(&embeds, &mask)?;
+        let mut state = self.start_decoding(&encoded, &mask)?;
+        let logits = self.decode_step(&vec![self.decoder_start; b], &mut state)?;
+        Ok(Prefilled {
+            state: Box::new(state),
+            logits,
+            encoder_output: Some(encoded),
+        })
+    }
+
+    fn step(&self, state: &mut dyn DecodeState, tokens: &[u32]) -> Result<Tensor> {
+        self.decode_step(tokens, downcast::<T5DecoderState>(state)?)
+    }
+
+    fn position_limit(&self) -> Option<usize> {
+        None
+    }
+
+    fn decoder_start(&self) -> Option<u32> {
+        Some(self.decoder_start)
+    }
+
+    fn default_vqa_template(&self) -> &'static str {
+        "Question: {} Short answer:"
     }
 }
 
