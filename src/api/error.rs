@@ -5,6 +5,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::engine::EngineError;
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -54,6 +56,17 @@ impl ApiError {
     }
 }
 
+/// The one mapping of model-side failures to answers: what the request asked is a 422, a bug or
+/// a failed operation a 500.
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidRequest(m) | EngineError::TooLong(m) => Self::validation(m),
+            EngineError::Internal(m) => Self::internal(m),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
@@ -69,5 +82,41 @@ impl IntoResponse for ApiError {
         }
         response.extensions_mut().insert(ErrorType(self.error_type));
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_failures_map_to_their_status() {
+        let too_long = ApiError::from(EngineError::TooLong("past the positions".into()));
+        assert_eq!(
+            (too_long.status, too_long.error_type),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation")
+        );
+        assert_eq!(too_long.message, "past the positions");
+        let invalid = ApiError::from(EngineError::InvalidRequest("empty prompt".into()));
+        assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
+        let bug = ApiError::from(EngineError::Internal("shape mismatch".into()));
+        assert_eq!(
+            (bug.status, bug.error_type),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+    }
+
+    #[test]
+    fn a_position_overflow_in_the_model_is_a_422() {
+        let model = crate::model::ModelError::TooLong("too long".into());
+        assert_eq!(
+            ApiError::from(EngineError::from(model)).status,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        let tensor = crate::model::ModelError::Tensor(candle_core::Error::Msg("boom".into()));
+        assert_eq!(
+            ApiError::from(EngineError::from(tensor)).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

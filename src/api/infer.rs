@@ -320,7 +320,7 @@ async fn collect(
                 ));
             }
             JobEvent::Done(_) => break,
-            JobEvent::Error(e) => return Err(ApiError::internal(e)),
+            JobEvent::Error(e) => return Err(e.into()),
         }
     }
     Err(ApiError::internal("the model worker dropped the request"))
@@ -380,7 +380,7 @@ fn sse(
                 let body = result_body(&seqs, st.job.prompt_tokens, field, tokens);
                 Event::default().data(body.to_string())
             }
-            Ok(Some(JobEvent::Error(e))) => error(&st, ApiError::internal(e)),
+            Ok(Some(JobEvent::Error(e))) => error(&st, e.into()),
             Ok(_) => error(
                 &st,
                 ApiError::internal("the model worker dropped the request"),

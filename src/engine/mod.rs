@@ -23,6 +23,7 @@ use crate::generation::{
     DecodeBatch, FinishReason, GeneratedSequence, GenerationParams, SequenceRequest,
 };
 use crate::metrics::Metrics;
+use crate::model::ModelError;
 use crate::pipeline::Blip2Pipeline;
 use crate::prompt::Prompt;
 use cache::FeatureCache;
@@ -101,8 +102,49 @@ pub enum JobEvent {
     Token { id: u32, text: String, logprob: f32 },
     /// The job is finished: its sequences (one, or `num_return_sequences`).
     Done(Vec<GeneratedSequence>),
-    /// The job failed (its batch failed in the model); the worker goes on.
-    Error(String),
+    /// The job failed (the model refused it, or its batch failed); the worker goes on.
+    Error(EngineError),
+}
+
+/// Why a job failed, by kind: `api/` maps each kind to its status. Carried over the job's channel
+/// (so it is `Clone`), and reads as its message (`Deref<Target = str>`) for logs and clients.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The model refuses this request's input (a setting, an empty prompt).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// Query + prompt + new tokens do not fit the model's positions.
+    #[error("{0}")]
+    TooLong(String),
+    /// A failure that is not the request's fault: a tensor op failed, the model panicked.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Input(m) => Self::InvalidRequest(m),
+            ModelError::TooLong(m) => Self::TooLong(m),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl EngineError {
+    fn panicked() -> Self {
+        Self::Internal("internal error in the model worker".to_string())
+    }
+}
+
+impl std::ops::Deref for EngineError {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Self::InvalidRequest(m) | Self::TooLong(m) | Self::Internal(m) => m,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -332,7 +374,7 @@ impl<'m> Worker<'m> {
                     match batch.as_mut() {
                         Some(b) => {
                             if let Err(e) = b.join(new) {
-                                self.fail_all(&mut running, &mut costs, &mut batch, &e.to_string());
+                                self.fail_all(&mut running, &mut costs, &mut batch, e.into());
                                 failed = true;
                                 break;
                             }
@@ -357,11 +399,11 @@ impl<'m> Worker<'m> {
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.step()));
             let failure = match stepped {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("internal error in the model worker".to_string()),
+                Ok(Err(e)) => Some(EngineError::from(e)),
+                Err(_) => Some(EngineError::panicked()),
             };
             if let Some(e) = failure {
-                self.fail_all(&mut running, &mut costs, &mut batch, &e);
+                self.fail_all(&mut running, &mut costs, &mut batch, e);
                 continue;
             }
             let now = Instant::now();
@@ -409,7 +451,7 @@ impl<'m> Worker<'m> {
                     }
                 }
                 Err(e) => {
-                    self.fail_all(&mut running, &mut costs, &mut batch, &e.to_string());
+                    self.fail_all(&mut running, &mut costs, &mut batch, e.into());
                     continue;
                 }
             }
@@ -425,10 +467,10 @@ impl<'m> Worker<'m> {
     fn prefill_groups(
         &mut self,
         jobs: Vec<Job>,
-    ) -> Vec<(Vec<Job>, Result<DecodeBatch<'m>, String>)> {
+    ) -> Vec<(Vec<Job>, Result<DecodeBatch<'m>, EngineError>)> {
         let attempt = |worker: &mut Self, jobs: &[Job]| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.prefill(jobs)))
-                .unwrap_or_else(|_| Err("internal error in the model worker".to_string()))
+                .unwrap_or_else(|_| Err(EngineError::panicked()))
         };
         let together = attempt(self, &jobs);
         if together.is_ok() || jobs.len() == 1 {
@@ -443,23 +485,24 @@ impl<'m> Worker<'m> {
     }
 
     /// Vision + Q-Former (or the cache) and prefill of newly admitted jobs, as one batch.
-    fn prefill(&mut self, jobs: &[Job]) -> Result<DecodeBatch<'m>, String> {
+    fn prefill(&mut self, jobs: &[Job]) -> Result<DecodeBatch<'m>, EngineError> {
         let started = Instant::now();
         let pipeline = self.pipeline;
         let device = pipeline.model.device().clone();
         let (height, width) = (pipeline.images.height, pipeline.images.width);
-        let query_embeds =
-            self.cache
-                .query_embeds(jobs, &self.metrics, |pixels: &[&[f32]]| {
-                    let data: Vec<f32> = pixels.concat();
-                    let tensor = Tensor::from_vec(data, (pixels.len(), 3, height, width), &device)
-                        .map_err(|e| e.to_string())?;
-                    let features = pipeline
-                        .model
-                        .image_features(&tensor)
-                        .map_err(|e| e.to_string())?;
-                    Ok(features.query_embeds)
-                })?;
+        let query_embeds = self
+            .cache
+            .query_embeds(jobs, &self.metrics, |pixels: &[&[f32]]| {
+                let data: Vec<f32> = pixels.concat();
+                let tensor = Tensor::from_vec(data, (pixels.len(), 3, height, width), &device)
+                    .map_err(|e| e.to_string())?;
+                let features = pipeline
+                    .model
+                    .image_features(&tensor)
+                    .map_err(|e| e.to_string())?;
+                Ok(features.query_embeds)
+            })
+            .map_err(EngineError::Internal)?;
         let images_done = Instant::now();
         let requests: Vec<SequenceRequest> = jobs
             .iter()
@@ -470,8 +513,7 @@ impl<'m> Worker<'m> {
             })
             .collect();
         let batch =
-            DecodeBatch::prefill(&pipeline.model, &pipeline.prompts, &query_embeds, &requests)
-                .map_err(|e| e.to_string())?;
+            DecodeBatch::prefill(&pipeline.model, &pipeline.prompts, &query_embeds, &requests)?;
         tracing::debug!(
             requests = jobs.len(),
             images_s = (images_done - started).as_secs_f64(),
@@ -487,12 +529,12 @@ impl<'m> Worker<'m> {
         running: &mut Vec<Running>,
         costs: &mut Vec<usize>,
         batch: &mut Option<DecodeBatch<'m>>,
-        error: &str,
+        error: EngineError,
     ) {
-        tracing::error!(error, requests = running.len(), "batch failed");
+        tracing::error!(error = %error, requests = running.len(), "batch failed");
         self.metrics.running_requests.set(0);
         for r in running.drain(..) {
-            let _ = r.events.send(JobEvent::Error(error.to_string()));
+            let _ = r.events.send(JobEvent::Error(error.clone()));
         }
         costs.clear();
         *batch = None;

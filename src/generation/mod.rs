@@ -374,7 +374,7 @@ impl<'m> DecodeBatch<'m> {
             for r in requests {
                 let (len, new) = (r.prompt.text_ids.len(), r.params.max_new_tokens);
                 if q.saturating_add(len).saturating_add(new) > max_positions {
-                    return Err(ModelError::Input(format!(
+                    return Err(ModelError::TooLong(format!(
                         "{q} query tokens + {len} prompt tokens + {new} new tokens exceed the model's {max_positions} positions"
                     )));
                 }

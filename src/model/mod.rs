@@ -29,8 +29,12 @@ pub enum ModelError {
     Weights(String),
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// The request's input is unacceptable to the model (bad settings, empty prompt).
     #[error("{0}")]
     Input(String),
+    /// Query + prompt + new tokens do not fit the model's positions.
+    #[error("{0}")]
+    TooLong(String),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

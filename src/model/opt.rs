@@ -285,7 +285,7 @@ impl OptDecoder {
                 // The reference looks pads up at position -1 + 2 = 1; they are masked anyway.
                 let idx = p + POSITION_OFFSET as i64;
                 if idx < 0 || p >= self.max_positions as i64 {
-                    return Err(ModelError::Input(format!(
+                    return Err(ModelError::TooLong(format!(
                         "sequence too long: position {p} is past max_position_embeddings {}",
                         self.max_positions
                     )));
