@@ -204,7 +204,7 @@ pub struct ServeArgs {
     #[arg(long, env = "BLIP2_API_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
-    /// CORS origins, comma-separated, or * [default: none].
+    /// CORS origins, comma-separated, or * [default: empty].
     #[arg(long, env = "BLIP2_CORS_ALLOW_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors_allow_origins: Option<Vec<String>>,
@@ -446,6 +446,80 @@ mod tests {
         file_keys.sort();
         flag_keys.sort();
         assert_eq!(file_keys, flag_keys);
+    }
+
+    /// How `--help` and README.md spell a default: strings bare (quoted when they hold a
+    /// space), empty strings and lists as "empty".
+    fn spelled(value: &toml::Value) -> String {
+        match value {
+            toml::Value::String(s) if s.is_empty() => "empty".into(),
+            toml::Value::String(s) if s.contains(' ') => format!("{s:?}"),
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Array(a) if a.is_empty() => "empty".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// config/default.toml is the one source of the defaults: every flag's `--help` states the
+    /// file's value, and so does README.md's table.
+    #[test]
+    fn help_and_readme_state_the_defaults_of_config_default_toml() {
+        use clap::Args;
+        let table: toml::Table = DEFAULT_TOML.parse().unwrap();
+        let command = ServeArgs::augment_args(clap::Command::new("serve"));
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let key = long.replace('-', "_");
+            if key == "config" || key == "model" {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let want = spelled(&table[&key]);
+            assert!(
+                help.ends_with(&format!("[default: {want}]")),
+                "--{long}: help {help:?} does not end with [default: {want}]"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, table.len() - 1, "every key but `model` has a flag");
+        let readme = include_str!("../README.md");
+        let mut rows = 0;
+        for line in readme.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let keys: Vec<&str> = cells[0]
+                .trim_start_matches("| ")
+                .split(", ")
+                .map(|k| k.trim_matches('`'))
+                .collect();
+            if !keys.iter().all(|k| table.contains_key(*k)) || keys == ["model"] {
+                continue;
+            }
+            let values: Vec<String> = if cells[1].contains('`') {
+                cells[1]
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect()
+            } else {
+                cells[1]
+                    .split(", ")
+                    .map(|v| v.split(' ').next().unwrap_or("").to_string())
+                    .collect()
+            };
+            assert_eq!(keys.len(), values.len(), "README row {line:?}");
+            for (key, value) in keys.iter().zip(&values) {
+                let want = spelled(&table[*key]);
+                assert_eq!(value, want.trim_matches('"'), "README default of `{key}`");
+                rows += 1;
+            }
+        }
+        assert_eq!(
+            rows,
+            table.len() - 1,
+            "README's table lists every key but `model`"
+        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ enum Command {
         #[arg(long = "prompt")]
         prompts: Vec<String>,
         #[command(flatten)]
-        generation: GenerationOverrides,
+        generation: GenerationArgs,
         /// Print one JSON object per image per line: token_ids, text, finish_reason, ...
         #[arg(long)]
         json: bool,
@@ -72,6 +72,73 @@ enum Command {
         #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
         max_image_pixels: u64,
     },
+}
+
+/// `generate`'s decoding flags: [`GenerationOverrides`] as the command line spells them; each
+/// one left out takes the checkpoint's text-config value, else transformers' default
+/// (greedy, 20 new tokens, top_k 50 when sampling).
+#[derive(Debug, Default, Clone, clap::Args)]
+struct GenerationArgs {
+    /// Maximum number of new tokens [default: 20].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// EOS is suppressed until this many new tokens exist [default: 0].
+    #[arg(long)]
+    min_new_tokens: Option<usize>,
+    /// Beam search with this many beams [default: 1 = greedy or sampling].
+    #[arg(long)]
+    num_beams: Option<usize>,
+    /// Sample instead of taking the most likely token (`--do-sample false` turns a checkpoint's
+    /// default off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    do_sample: Option<bool>,
+    /// Sampling temperature [default: 1.0].
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Sampling: keep the k most likely tokens (0 disables) [default: 50].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sampling: keep the smallest set of tokens whose probability reaches p [default: 1.0].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Penalise tokens already present (prompt included, as transformers does) [default: 1.0].
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Beam search: scores are divided by length ** this [default: 1.0].
+    #[arg(long, allow_hyphen_values = true)]
+    length_penalty: Option<f64>,
+    /// Sequences returned per image (<= num_beams for beam search; needs sampling otherwise).
+    #[arg(long)]
+    num_return_sequences: Option<usize>,
+    /// Forbid repeating any n-gram of this size [default: 0 = off].
+    #[arg(long)]
+    no_repeat_ngram_size: Option<usize>,
+    /// Seed of the sampler, for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the text contains this string (cut from the output); repeatable.
+    #[arg(long = "stop")]
+    stop: Option<Vec<String>>,
+}
+
+impl From<GenerationArgs> for GenerationOverrides {
+    fn from(a: GenerationArgs) -> Self {
+        Self {
+            max_new_tokens: a.max_new_tokens,
+            min_new_tokens: a.min_new_tokens,
+            num_beams: a.num_beams,
+            do_sample: a.do_sample,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            length_penalty: a.length_penalty,
+            num_return_sequences: a.num_return_sequences,
+            no_repeat_ngram_size: a.no_repeat_ngram_size,
+            seed: a.seed,
+            stop: a.stop,
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -186,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
-            let params = generation.apply(pipeline.default_params());
+            let params = GenerationOverrides::from(generation).apply(pipeline.default_params());
             params.validate()?;
             let started = std::time::Instant::now();
             let outputs = pipeline

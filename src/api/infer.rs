@@ -84,7 +84,7 @@ async fn handle(
         many,
     } = input::read(endpoint, request, s.limits.max_body_bytes).await?;
     let stream = stream || stream_header;
-    let details = parameters.details.unwrap_or(false);
+    let details = parameters.details;
     if images.len() > s.limits.max_images_per_request {
         return Err(ApiError::validation(format!(
             "{} images in one request; at most {} (max_images_per_request)",
@@ -100,7 +100,7 @@ async fn handle(
             "streaming takes one image: send one request per image",
         ));
     }
-    let params = parameters.apply(s.defaults.clone());
+    let params = parameters.generation.apply(s.defaults.clone());
     params
         .validate()
         .map_err(|e| ApiError::validation(e.to_string()))?;

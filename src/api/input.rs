@@ -5,7 +5,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::error::ApiError;
 use crate::generation::GenerationOverrides;
@@ -15,10 +15,40 @@ pub struct Input {
     pub images: Vec<Vec<u8>>,
     /// `prompt` (caption) or `question` (VQA).
     pub text: Option<String>,
-    pub parameters: GenerationOverrides,
+    pub parameters: Parameters,
     pub stream: bool,
     /// `images: [...]` was used (the answer is a `results` list, even for one image).
     pub many: bool,
+}
+
+/// `parameters`: the decoding settings, plus `details` (HTTP only: each generated token's
+/// `{id, text, logprob}` in the answer). Unknown names are refused by the settings' own type.
+#[derive(Debug, Default)]
+pub struct Parameters {
+    pub generation: GenerationOverrides,
+    pub details: bool,
+}
+
+impl<'de> Deserialize<'de> for Parameters {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let details = match map.remove("details") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "details: invalid type {other}, expected a boolean"
+                )))
+            }
+        };
+        let generation = GenerationOverrides::deserialize(serde_json::Value::Object(map))
+            .map_err(D::Error::custom)?;
+        Ok(Self {
+            generation,
+            details,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -31,7 +61,7 @@ struct CaptionBody {
     #[serde(default)]
     prompt: Option<String>,
     #[serde(default)]
-    parameters: Option<GenerationOverrides>,
+    parameters: Option<Parameters>,
     #[serde(default)]
     stream: Option<bool>,
 }
@@ -45,7 +75,7 @@ struct VqaBody {
     images: Option<Vec<String>>,
     question: String,
     #[serde(default)]
-    parameters: Option<GenerationOverrides>,
+    parameters: Option<Parameters>,
     #[serde(default)]
     stream: Option<bool>,
 }

@@ -161,56 +161,40 @@ impl GenerationParams {
     }
 }
 
-/// Decoding settings a caller may give, for the CLI (flags) and the HTTP API (`parameters`);
+/// Decoding settings a caller may give (the CLI's flags, the HTTP API's `parameters`, minus
+/// their own presentation fields);
 /// each one left out takes the checkpoint's text-config value, else transformers' default
 /// (greedy, 20 new tokens, top_k 50 when sampling).
-#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationOverrides {
     /// Maximum number of new tokens [default: 20].
-    #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// EOS is suppressed until this many new tokens exist [default: 0].
-    #[arg(long)]
     pub min_new_tokens: Option<usize>,
     /// Beam search with this many beams [default: 1 = greedy or sampling].
-    #[arg(long)]
     pub num_beams: Option<usize>,
     /// Sample instead of taking the most likely token (`--do-sample false` turns a checkpoint's
     /// default off).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub do_sample: Option<bool>,
     /// Sampling temperature [default: 1.0].
-    #[arg(long)]
     pub temperature: Option<f32>,
     /// Sampling: keep the k most likely tokens (0 disables) [default: 50].
-    #[arg(long)]
     pub top_k: Option<usize>,
     /// Sampling: keep the smallest set of tokens whose probability reaches p [default: 1.0].
-    #[arg(long)]
     pub top_p: Option<f32>,
     /// Penalise tokens already present (prompt included, as transformers does) [default: 1.0].
-    #[arg(long)]
     pub repetition_penalty: Option<f32>,
     /// Beam search: scores are divided by length ** this [default: 1.0].
-    #[arg(long, allow_hyphen_values = true)]
     pub length_penalty: Option<f64>,
     /// Sequences returned per image (<= num_beams for beam search; needs sampling otherwise).
-    #[arg(long)]
     pub num_return_sequences: Option<usize>,
     /// Forbid repeating any n-gram of this size [default: 0 = off].
-    #[arg(long)]
     pub no_repeat_ngram_size: Option<usize>,
     /// Seed of the sampler, for reproducible sampling.
-    #[arg(long)]
     pub seed: Option<u64>,
     /// Stop when the text contains this string (cut from the output); repeatable.
-    #[arg(long = "stop")]
     pub stop: Option<Vec<String>>,
-    /// HTTP only: add each generated token's `{id, text, logprob}` to the response (one
-    /// sequence, no beams). Not a decoding setting: `apply` ignores it.
-    #[arg(skip)]
-    pub details: Option<bool>,
 }
 
 impl GenerationOverrides {
