@@ -186,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             &options,
         )?)
     })?;
+    blip2_server::tuning::keep_freed_memory();
     let (rss_after_load, peak_after_load) = (rss(), peak_rss());
     let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
     let prompt = p.prompts.build(Some(&args.prompt))?;

@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         &ModelFiles::from_dir(dir.as_ref())?,
         &LoadOptions::default(),
     )?;
+    blip2_server::tuning::keep_freed_memory();
     eprintln!("loaded {dir} in {:.1} s", started.elapsed().as_secs_f64());
     let bytes = std::fs::read(&image)?;
     let pixels = pipeline.images.pixel_values(&bytes)?;

@@ -182,6 +182,8 @@ fn load(
     let source = ModelSource::parse(model, Some(revision))?;
     let pipeline = Blip2Pipeline::load(&source, &options)
         .with_context(|| format!("loading model {}", source.describe()))?;
+    // The weights are in place: from here on, freed working memory stays in the process.
+    blip2_server::tuning::keep_freed_memory();
     Ok((source, pipeline))
 }
 

@@ -82,7 +82,6 @@ impl Blip2Pipeline {
             files.tokenizer_config.as_deref(),
             &model.config,
         )?;
-        crate::tuning::keep_freed_memory();
         Ok(Self {
             model,
             images,

@@ -88,6 +88,15 @@ pub enum ServeError {
     OpenApi(String),
 }
 
+/// The device as `/info` reports it ("cpu", "cuda:0", "metal:0").
+fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 pub async fn run(
     pipeline: Blip2Pipeline,
     options: ServeOptions,
@@ -119,7 +128,7 @@ pub async fn run(
         "model_type": lm.model_type(),
         "dtype": format!("{:?}", pipeline.model.dtype()).to_lowercase(),
         "quantize": options.quantize,
-        "device": "cpu",
+        "device": device_name(pipeline.model.device()),
         "max_batch_size": options.engine.max_batch_size,
         "max_batch_tokens": options.engine.max_batch_tokens,
         "max_queue": options.engine.max_queue,

@@ -1,6 +1,7 @@
 //! Process-wide settings that decide how fast the CPU paths run: glibc's allocator and candle's
 //! thread pool. [`init_process`] runs first thing in `main`; [`keep_freed_memory`] once the
-//! weights are loaded.
+//! weights are loaded (by `main` and the benchmarks; never from the library, whose callers own
+//! their process).
 
 /// First thing in `main`, before any other thread exists: one malloc arena (see
 /// [`use_one_malloc_arena`]) and candle's barrier-pool workers parked soon after each task.

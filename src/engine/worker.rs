@@ -1,0 +1,268 @@
+//! The step executor on the model thread: runs admitted jobs' vision + Q-Former (or the cache)
+//! and prefill, joins them to the running [`DecodeBatch`], steps it, streams tokens and retires
+//! finished requests. What to admit is the scheduler's decision (`scheduler.rs`); a failure or a
+//! panic in the model fails the requests it touched, never the thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tokio::sync::mpsc;
+
+use super::cache::FeatureCache;
+use super::scheduler::Scheduler;
+use super::{EngineError, Job, JobEvent};
+use crate::generation::{DecodeBatch, FinishReason, GeneratedSequence, SequenceRequest};
+use crate::metrics::Metrics;
+use crate::pipeline::Blip2Pipeline;
+
+/// A request in the running batch, aligned with the batch's requests, in order.
+struct Running {
+    events: mpsc::UnboundedSender<JobEvent>,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+    last_token: Option<Instant>,
+    /// Its share of the token budget.
+    cost: usize,
+}
+
+pub(super) struct Worker<'m> {
+    pipeline: &'m Blip2Pipeline,
+    metrics: Arc<Metrics>,
+    cache: FeatureCache,
+    scheduler: Scheduler,
+    batch: Option<DecodeBatch<'m>>,
+    running: Vec<Running>,
+}
+
+impl<'m> Worker<'m> {
+    pub(super) fn new(
+        pipeline: &'m Blip2Pipeline,
+        metrics: Arc<Metrics>,
+        cache: FeatureCache,
+        scheduler: Scheduler,
+    ) -> Self {
+        Self {
+            pipeline,
+            metrics,
+            cache,
+            scheduler,
+            batch: None,
+            running: Vec::new(),
+        }
+    }
+
+    /// Admit, step, retire, until the queue is closed and nothing runs.
+    pub(super) fn run(mut self) {
+        loop {
+            let tokens_in_use = self.running.iter().map(|r| r.cost).sum();
+            let Some(admitted) = self.scheduler.admit(self.running.len(), tokens_in_use) else {
+                return;
+            };
+            if !admitted.is_empty() && !self.start(admitted) {
+                continue;
+            }
+            self.metrics.running_requests.set(self.running.len() as i64);
+            if self.batch.is_some() {
+                self.step();
+            }
+        }
+    }
+
+    /// Prefills admitted jobs and joins them to the batch. False when the join failed (every
+    /// running job has then been failed).
+    fn start(&mut self, admitted: Vec<Job>) -> bool {
+        let now = Instant::now();
+        for job in &admitted {
+            self.metrics
+                .queue_duration
+                .observe((now - job.submitted).as_secs_f64());
+        }
+        for (jobs, prefilled) in self.prefill_groups(admitted) {
+            let new = match prefilled {
+                Ok(new) => new,
+                Err(e) => {
+                    tracing::warn!(error = %e, requests = jobs.len(), "prefill failed");
+                    for job in jobs {
+                        let _ = job.events.send(JobEvent::Error(e.clone()));
+                    }
+                    continue;
+                }
+            };
+            for job in jobs {
+                self.running.push(Running {
+                    cost: self.scheduler.cost(&job),
+                    events: job.events,
+                    cancel: job.cancel,
+                    submitted: job.submitted,
+                    last_token: None,
+                });
+            }
+            let joined = match self.batch.as_mut() {
+                Some(b) => b.join(new).map_err(EngineError::from),
+                None => {
+                    self.batch = Some(new);
+                    Ok(())
+                }
+            };
+            if let Err(e) = joined {
+                self.fail_all(e);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// One decode step of the running batch, then its tokens and finished requests.
+    fn step(&mut self) {
+        // A caller that stopped listening is cancelled.
+        for r in &self.running {
+            if r.events.is_closed() {
+                r.cancel.store(true, Ordering::Relaxed);
+            }
+        }
+        self.metrics.batch_size.observe(self.running.len() as f64);
+        let Some(b) = self.batch.as_mut() else { return };
+        // A panic in the model must fail this batch's requests, not the server.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.step()));
+        let outcome = match stepped {
+            Ok(Ok(())) => {
+                let events = b.take_stream_events();
+                b.take_finished()
+                    .map(|finished| (events, finished))
+                    .map_err(EngineError::from)
+            }
+            Ok(Err(e)) => Err(EngineError::from(e)),
+            Err(_) => Err(EngineError::panicked()),
+        };
+        let (events, finished) = match outcome {
+            Ok(done) => done,
+            Err(e) => return self.fail_all(e),
+        };
+        self.observe_token_times();
+        for ev in events {
+            let _ = self.running[ev.request].events.send(JobEvent::Token {
+                id: ev.token,
+                text: ev.text,
+                logprob: ev.logprob,
+            });
+        }
+        self.retire(finished);
+        if self.running.is_empty() {
+            self.batch = None;
+        }
+        self.metrics.running_requests.set(self.running.len() as i64);
+    }
+
+    fn observe_token_times(&mut self) {
+        let now = Instant::now();
+        for r in self.running.iter_mut() {
+            match r.last_token {
+                None => self
+                    .metrics
+                    .time_to_first_token
+                    .observe((now - r.submitted).as_secs_f64()),
+                Some(last) => self
+                    .metrics
+                    .inter_token_latency
+                    .observe((now - last).as_secs_f64()),
+            }
+            r.last_token = Some(now);
+        }
+    }
+
+    /// Answers the finished requests (positions as before their removal).
+    fn retire(&mut self, finished: Vec<(usize, Vec<GeneratedSequence>)>) {
+        // Positions refer to the order before removal: remove from the back.
+        for (position, sequences) in finished.into_iter().rev() {
+            let r = self.running.remove(position);
+            // Before the caller hears: a client that reads the metrics after its answer must
+            // not still count itself.
+            self.metrics.running_requests.set(self.running.len() as i64);
+            if sequences
+                .first()
+                .is_some_and(|s| s.finish_reason == FinishReason::Cancelled)
+            {
+                self.metrics.cancelled.inc();
+            }
+            if let Some(first) = sequences.first() {
+                self.metrics
+                    .generated_tokens
+                    .observe(first.token_ids.len() as f64);
+            }
+            let _ = r.events.send(JobEvent::Done(sequences));
+        }
+    }
+
+    /// Prefills the admitted jobs as one batch; when that fails (a panic included) and there
+    /// are several, each job alone, so that one bad request fails by itself.
+    fn prefill_groups(
+        &mut self,
+        jobs: Vec<Job>,
+    ) -> Vec<(Vec<Job>, Result<DecodeBatch<'m>, EngineError>)> {
+        let attempt = |worker: &mut Self, jobs: &[Job]| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.prefill(jobs)))
+                .unwrap_or_else(|_| Err(EngineError::panicked()))
+        };
+        let together = attempt(self, &jobs);
+        if together.is_ok() || jobs.len() == 1 {
+            return vec![(jobs, together)];
+        }
+        jobs.into_iter()
+            .map(|job| {
+                let alone = attempt(self, std::slice::from_ref(&job));
+                (vec![job], alone)
+            })
+            .collect()
+    }
+
+    /// Vision + Q-Former (or the cache) and prefill of newly admitted jobs, as one batch.
+    fn prefill(&mut self, jobs: &[Job]) -> Result<DecodeBatch<'m>, EngineError> {
+        let started = Instant::now();
+        let pipeline = self.pipeline;
+        let device = pipeline.model.device().clone();
+        let (height, width) = (pipeline.images.height, pipeline.images.width);
+        let query_embeds = self
+            .cache
+            .query_embeds(jobs, &self.metrics, |pixels: &[&[f32]]| {
+                let data: Vec<f32> = pixels.concat();
+                let tensor = Tensor::from_vec(data, (pixels.len(), 3, height, width), &device)
+                    .map_err(|e| e.to_string())?;
+                let features = pipeline
+                    .model
+                    .image_features(&tensor)
+                    .map_err(|e| e.to_string())?;
+                Ok(features.query_embeds)
+            })
+            .map_err(EngineError::Internal)?;
+        let images_done = Instant::now();
+        let requests: Vec<SequenceRequest> = jobs
+            .iter()
+            .map(|j| SequenceRequest {
+                prompt: j.prompt.clone(),
+                params: j.params.clone(),
+                cancel: Some(j.cancel.clone()),
+            })
+            .collect();
+        let batch =
+            DecodeBatch::prefill(&pipeline.model, &pipeline.prompts, &query_embeds, &requests)?;
+        tracing::debug!(
+            requests = jobs.len(),
+            images_s = (images_done - started).as_secs_f64(),
+            prefill_s = images_done.elapsed().as_secs_f64(),
+            "admitted"
+        );
+        Ok(batch)
+    }
+
+    /// The model failed mid-batch: every running job hears why; the worker carries on empty.
+    fn fail_all(&mut self, error: EngineError) {
+        tracing::error!(error = %error, requests = self.running.len(), "batch failed");
+        self.metrics.running_requests.set(0);
+        for r in self.running.drain(..) {
+            let _ = r.events.send(JobEvent::Error(error.clone()));
+        }
+        self.batch = None;
+    }
+}
