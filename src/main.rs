@@ -37,41 +37,44 @@ enum Command {
     /// to 503, give in-flight requests shutdown_grace_s to finish, then exit 0.
     Serve(ServeArgs),
     /// Caption images or answer a prompt about them (greedy decoding), as one batch.
-    Generate {
-        /// A checkpoint directory, or a Hugging Face Hub id such as Salesforce/blip2-opt-2.7b
-        /// (downloaded to the HF cache; HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and
-        /// HF_HUB_OFFLINE=1 are honoured).
-        #[arg(long, env = "BLIP2_MODEL")]
-        model: String,
-        /// Hub revision (branch, tag or commit) when --model is a Hub id.
-        #[arg(long, default_value = "main")]
-        revision: String,
-        /// Image file (PNG, JPEG, WebP, GIF, BMP); repeat for a batch.
-        #[arg(long = "image", required = true)]
-        images: Vec<PathBuf>,
-        /// Prompt text: once for all images, or once per image. Without it the model captions
-        /// from BOS alone.
-        #[arg(long = "prompt")]
-        prompts: Vec<String>,
-        #[command(flatten)]
-        generation: GenerationArgs,
-        /// Print one JSON object per image per line: token_ids, text, finish_reason, ...
-        #[arg(long)]
-        json: bool,
-        /// Weight dtype (f32 is the exact reference; f16 is refused for Flan-T5).
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: DTypeName,
-        /// Quantise the vision encoder's and language model's linear weights at load (faster,
-        /// smaller, not exact to the reference).
-        #[arg(long, value_enum, default_value = "none")]
-        quantize: QuantizeName,
-        /// Largest accepted image file, in bytes.
-        #[arg(long, default_value_t = ImageLimits::default().max_bytes)]
-        max_image_bytes: usize,
-        /// Largest accepted image, in pixels (width x height), checked before decoding.
-        #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
-        max_image_pixels: u64,
-    },
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A checkpoint directory, or a Hugging Face Hub id such as Salesforce/blip2-opt-2.7b
+    /// (downloaded to the HF cache; HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and
+    /// HF_HUB_OFFLINE=1 are honoured).
+    #[arg(long, env = "BLIP2_MODEL")]
+    model: String,
+    /// Hub revision (branch, tag or commit) when --model is a Hub id.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Image file (PNG, JPEG, WebP, GIF, BMP); repeat for a batch.
+    #[arg(long = "image", required = true)]
+    images: Vec<PathBuf>,
+    /// Prompt text: once for all images, or once per image. Without it the model captions
+    /// from BOS alone.
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Print one JSON object per image per line: token_ids, text, finish_reason, ...
+    #[arg(long)]
+    json: bool,
+    /// Weight dtype (f32 is the exact reference; f16 is refused for Flan-T5).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeName,
+    /// Quantise the vision encoder's and language model's linear weights at load (faster,
+    /// smaller, not exact to the reference).
+    #[arg(long, value_enum, default_value = "none")]
+    quantize: QuantizeName,
+    /// Largest accepted image file, in bytes.
+    #[arg(long, default_value_t = ImageLimits::default().max_bytes)]
+    max_image_bytes: usize,
+    /// Largest accepted image, in pixels (width x height), checked before decoding.
+    #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
+    max_image_pixels: u64,
 }
 
 /// `generate`'s decoding flags: [`GenerationOverrides`] as the command line spells them; each
@@ -189,114 +192,119 @@ fn load(
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => {
-            let config = ServerConfig::load(&args)?;
-            init_logging(config.log_format);
-            let (source, pipeline) = load(
-                &config.model,
-                &config.revision,
-                config.dtype.dtype(),
-                config.quantize,
-                ImageLimits {
-                    max_bytes: config.max_image_bytes,
-                    max_pixels: config.max_image_pixels,
-                },
-            )?;
-            let mut serve = ServeOptions::from_config(&config);
-            serve.model_id = source.describe();
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(async move {
-                let (host, port) = (config.host.as_str(), config.port);
-                let listener = tokio::net::TcpListener::bind((host, port))
-                    .await
-                    .with_context(|| format!("binding {host}:{port}"))?;
-                tracing::warn!(address = %listener.local_addr()?, model = %serve.model_id, "serving");
-                let shutdown = shutdown_signal()?;
-                blip2_server::server::run(pipeline, serve, listener, shutdown).await?;
-                tracing::warn!("stopped");
-                Ok(())
-            })
-        }
-        Command::Generate {
-            model,
-            revision,
-            images,
-            prompts,
-            generation,
-            json,
-            dtype,
-            quantize,
-            max_image_bytes,
-            max_image_pixels,
-        } => {
-            init_logging(LogFormat::Text);
-            let prompts: Vec<Option<String>> = match prompts.len() {
-                0 => vec![None; images.len()],
-                1 => vec![Some(prompts[0].clone()); images.len()],
-                n if n == images.len() => prompts.into_iter().map(Some).collect(),
-                n => bail!(
-                    "--prompt given {n} times for {} images: give it once or once per image",
-                    images.len()
-                ),
-            };
-            let bytes = images
-                .iter()
-                .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let started = std::time::Instant::now();
-            let (source, pipeline) = load(
-                &model,
-                &revision,
-                dtype.dtype(),
-                quantize,
-                ImageLimits {
-                    max_bytes: max_image_bytes,
-                    max_pixels: max_image_pixels,
-                },
-            )?;
-            tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
-            let params = GenerationOverrides::from(generation).apply(pipeline.default_params());
-            params.validate()?;
-            let started = std::time::Instant::now();
-            let outputs = pipeline
-                .generate(&bytes, &prompts, &vec![params; images.len()])
-                .map_err(|e| match e {
-                    PipelineError::Image { index, source } => {
-                        anyhow::anyhow!("{}: {source}", images[index].display())
-                    }
-                    other => other.into(),
-                })?;
-            tracing::info!(
-                images = images.len(),
-                seconds = started.elapsed().as_secs_f64(),
-                "generated"
-            );
-            for (index, ((path, prompt), out)) in
-                images.iter().zip(&prompts).zip(outputs).enumerate()
-            {
-                for (sequence, seq) in out.sequences.iter().enumerate() {
-                    if json {
-                        let line = serde_json::json!({
-                            "index": index,
-                            "sequence": sequence,
-                            "image": path.display().to_string(),
-                            "prompt": prompt,
-                            "token_ids": seq.token_ids,
-                            "text": seq.text,
-                            "finish_reason": seq.finish_reason,
-                            "score": seq.score,
-                            "prompt_tokens": out.prompt_tokens,
-                            "generated_tokens": seq.token_ids.len(),
-                        });
-                        println!("{line}");
-                    } else {
-                        println!("{}", seq.text.trim());
-                    }
-                }
+        Command::Serve(args) => serve(&args),
+        Command::Generate(args) => generate(args),
+    }
+}
+
+/// `serve`: settings in layers, the model, then the server until SIGTERM/SIGINT.
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::load(args)?;
+    init_logging(config.log_format);
+    let (source, pipeline) = load(
+        &config.model,
+        &config.revision,
+        config.dtype.dtype(),
+        config.quantize,
+        ImageLimits {
+            max_bytes: config.max_image_bytes,
+            max_pixels: config.max_image_pixels,
+        },
+    )?;
+    let mut serve = ServeOptions::from_config(&config);
+    serve.model_id = source.describe();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let (host, port) = (config.host.as_str(), config.port);
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .with_context(|| format!("binding {host}:{port}"))?;
+        tracing::warn!(address = %listener.local_addr()?, model = %serve.model_id, "serving");
+        let shutdown = shutdown_signal()?;
+        blip2_server::server::run(pipeline, serve, listener, shutdown).await?;
+        tracing::warn!("stopped");
+        Ok(())
+    })
+}
+
+/// `generate`: one batch through the checkpoint, printed one line per sequence.
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let GenerateArgs {
+        model,
+        revision,
+        images,
+        prompts,
+        generation,
+        json,
+        dtype,
+        quantize,
+        max_image_bytes,
+        max_image_pixels,
+    } = args;
+    init_logging(LogFormat::Text);
+    let prompts: Vec<Option<String>> = match prompts.len() {
+        0 => vec![None; images.len()],
+        1 => vec![Some(prompts[0].clone()); images.len()],
+        n if n == images.len() => prompts.into_iter().map(Some).collect(),
+        n => bail!(
+            "--prompt given {n} times for {} images: give it once or once per image",
+            images.len()
+        ),
+    };
+    let bytes = images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let started = std::time::Instant::now();
+    let (source, pipeline) = load(
+        &model,
+        &revision,
+        dtype.dtype(),
+        quantize,
+        ImageLimits {
+            max_bytes: max_image_bytes,
+            max_pixels: max_image_pixels,
+        },
+    )?;
+    tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let params = GenerationOverrides::from(generation).apply(pipeline.default_params());
+    params.validate()?;
+    let started = std::time::Instant::now();
+    let outputs = pipeline
+        .generate(&bytes, &prompts, &vec![params; images.len()])
+        .map_err(|e| match e {
+            PipelineError::Image { index, source } => {
+                anyhow::anyhow!("{}: {source}", images[index].display())
             }
-            Ok(())
+            other => other.into(),
+        })?;
+    tracing::info!(
+        images = images.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "generated"
+    );
+    for (index, ((path, prompt), out)) in images.iter().zip(&prompts).zip(outputs).enumerate() {
+        for (sequence, seq) in out.sequences.iter().enumerate() {
+            if json {
+                let line = serde_json::json!({
+                    "index": index,
+                    "sequence": sequence,
+                    "image": path.display().to_string(),
+                    "prompt": prompt,
+                    "token_ids": seq.token_ids,
+                    "text": seq.text,
+                    "finish_reason": seq.finish_reason,
+                    "score": seq.score,
+                    "prompt_tokens": out.prompt_tokens,
+                    "generated_tokens": seq.token_ids.len(),
+                });
+                println!("{line}");
+            } else {
+                println!("{}", seq.text.trim());
+            }
         }
     }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when the

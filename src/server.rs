@@ -97,6 +97,34 @@ fn device_name(device: &candle_core::Device) -> String {
     }
 }
 
+/// What `/info` reports that does not change while the server runs.
+fn info_json(
+    options: &ServeOptions,
+    model_type: &str,
+    pipeline: &Blip2Pipeline,
+    vqa_template: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model_id": options.model_id,
+        "revision": options.revision,
+        "model_type": model_type,
+        "dtype": format!("{:?}", pipeline.model.dtype()).to_lowercase(),
+        "quantize": options.quantize,
+        "device": device_name(pipeline.model.device()),
+        "max_batch_size": options.engine.max_batch_size,
+        "max_batch_tokens": options.engine.max_batch_tokens,
+        "max_queue": options.engine.max_queue,
+        "max_concurrent_requests": options.max_concurrent_requests,
+        "max_body_bytes": options.max_body_bytes,
+        "max_images_per_request": options.max_images_per_request,
+        "max_prompt_tokens": options.max_prompt_tokens,
+        "max_new_tokens": options.max_new_tokens,
+        "request_timeout_s": options.request_timeout.map(|t| t.as_secs()),
+        "vqa_template": vqa_template,
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
 pub async fn run(
     pipeline: Blip2Pipeline,
     options: ServeOptions,
@@ -122,25 +150,7 @@ pub async fn run(
         max_positions: lm.position_limit(),
         request_timeout: options.request_timeout,
     };
-    let info = serde_json::json!({
-        "model_id": options.model_id,
-        "revision": options.revision,
-        "model_type": lm.model_type(),
-        "dtype": format!("{:?}", pipeline.model.dtype()).to_lowercase(),
-        "quantize": options.quantize,
-        "device": device_name(pipeline.model.device()),
-        "max_batch_size": options.engine.max_batch_size,
-        "max_batch_tokens": options.engine.max_batch_tokens,
-        "max_queue": options.engine.max_queue,
-        "max_concurrent_requests": options.max_concurrent_requests,
-        "max_body_bytes": options.max_body_bytes,
-        "max_images_per_request": options.max_images_per_request,
-        "max_prompt_tokens": options.max_prompt_tokens,
-        "max_new_tokens": options.max_new_tokens,
-        "request_timeout_s": options.request_timeout.map(|t| t.as_secs()),
-        "vqa_template": vqa_template,
-        "version": env!("CARGO_PKG_VERSION"),
-    });
+    let info = info_json(&options, lm.model_type(), &pipeline, &vqa_template);
     let metrics = Arc::new(Metrics::new()?);
     let (engine, worker) = engine::start(pipeline, options.engine.clone(), metrics.clone());
     let state = Arc::new(AppState {
