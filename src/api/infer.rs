@@ -15,10 +15,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant as Deadline;
 
 use super::error::ApiError;
-use super::input::{self, Endpoint, Input};
+use super::input::{self, Endpoint, Input, Parameters};
 use super::AppState;
 use crate::engine::{job_tokens, Job, JobEvent, SubmitError};
-use crate::generation::GeneratedSequence;
+use crate::generation::{GeneratedSequence, GenerationParams};
 use crate::preprocess::PreprocessError;
 use crate::prompt::Prompt;
 
@@ -85,17 +85,63 @@ async fn handle(
     } = input::read(endpoint, request, s.limits.max_body_bytes).await?;
     let stream = stream || stream_header;
     let details = parameters.details;
-    if images.len() > s.limits.max_images_per_request {
+    let (prompt, params) = checked_request(&s, endpoint, images.len(), text, parameters, stream)?;
+    let pixels = preprocess_all(&s, images).await?;
+    let submitted = submit(&s, pixels, &prompt, &params)?;
+    drop(incoming);
+    let guard = CancelOnDrop(submitted.iter().map(|j| j.cancel.clone()).collect());
+    let field = match endpoint {
+        Endpoint::Caption => "text",
+        Endpoint::Vqa => "answer",
+    };
+    if stream {
+        let one = submitted.into_iter().next().expect("one image");
+        return Ok(sse(s, one, guard, permit, deadline, field, details));
+    }
+    let collected = async {
+        let mut results = Vec::with_capacity(submitted.len());
+        for job in submitted {
+            results.push(collect(job, field, details).await?);
+        }
+        Ok::<_, ApiError>(results)
+    };
+    let results = match deadline {
+        Some(d) => tokio::time::timeout_at(d, collected)
+            .await
+            .map_err(|_| ApiError::timeout())??,
+        None => collected.await?,
+    };
+    drop(guard);
+    drop(permit);
+    let body = if many {
+        serde_json::json!({ "results": results })
+    } else {
+        results.into_iter().next().expect("one result")
+    };
+    Ok(Json(body).into_response())
+}
+
+/// Every check a request passes before its images are decoded: image count, settings and the
+/// server's limits, the prompt (VQA template applied) and its token budget.
+fn checked_request(
+    s: &AppState,
+    endpoint: Endpoint,
+    n_images: usize,
+    text: Option<String>,
+    parameters: Parameters,
+    stream: bool,
+) -> Result<(Prompt, GenerationParams), ApiError> {
+    let details = parameters.details;
+    if n_images > s.limits.max_images_per_request {
         return Err(ApiError::validation(format!(
             "{} images in one request; at most {} (max_images_per_request)",
-            images.len(),
-            s.limits.max_images_per_request
+            n_images, s.limits.max_images_per_request
         )));
     }
-    if images.is_empty() {
+    if n_images == 0 {
         return Err(ApiError::validation("`images` is empty"));
     }
-    if stream && images.len() > 1 {
+    if stream && n_images > 1 {
         return Err(ApiError::validation(
             "streaming takes one image: send one request per image",
         ));
@@ -157,39 +203,7 @@ async fn handle(
             s.limits.max_batch_tokens
         )));
     }
-    let pixels = preprocess_all(&s, images).await?;
-    let submitted = submit(&s, pixels, &prompt, &params)?;
-    drop(incoming);
-    let guard = CancelOnDrop(submitted.iter().map(|j| j.cancel.clone()).collect());
-    let field = match endpoint {
-        Endpoint::Caption => "text",
-        Endpoint::Vqa => "answer",
-    };
-    if stream {
-        let one = submitted.into_iter().next().expect("one image");
-        return Ok(sse(s, one, guard, permit, deadline, field, details));
-    }
-    let collected = async {
-        let mut results = Vec::with_capacity(submitted.len());
-        for job in submitted {
-            results.push(collect(job, field, details).await?);
-        }
-        Ok::<_, ApiError>(results)
-    };
-    let results = match deadline {
-        Some(d) => tokio::time::timeout_at(d, collected)
-            .await
-            .map_err(|_| ApiError::timeout())??,
-        None => collected.await?,
-    };
-    drop(guard);
-    drop(permit);
-    let body = if many {
-        serde_json::json!({ "results": results })
-    } else {
-        results.into_iter().next().expect("one result")
-    };
-    Ok(Json(body).into_response())
+    Ok((prompt, params))
 }
 
 /// Decodes and preprocesses each image on the blocking pool, at most `preprocess_workers` at
