@@ -39,16 +39,44 @@ pub struct Metrics {
     pub image_cache: IntCounterVec,
 }
 
+/// Makes metrics and registers each one as it is made (the struct keeps a handle, the registry
+/// another).
+struct Registrar(Registry);
+
+impl Registrar {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        metric: Result<M, prometheus::Error>,
+    ) -> Result<M, prometheus::Error> {
+        let metric = metric?;
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+    fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: Vec<f64>,
+    ) -> prometheus::Result<Histogram> {
+        self.add(Histogram::with_opts(
+            HistogramOpts::new(name, help).buckets(buckets),
+        ))
+    }
+    fn counters(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+}
+
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let buckets = exponential_buckets(0.001, 2.0, 18)?;
-        let latency = || buckets.clone();
-        let requests = IntCounterVec::new(
-            Opts::new("blip2_requests_total", "Requests by endpoint and status"),
-            &["endpoint", "status"],
-        )?;
-        let request_duration = HistogramVec::new(
+        let r = Registrar(Registry::new());
+        let latency = exponential_buckets(0.001, 2.0, 18)?;
+        let request_duration = r.add(HistogramVec::new(
             HistogramOpts::new(
                 "blip2_request_duration_seconds",
                 concat!(
@@ -56,88 +84,69 @@ impl Metrics {
                     "(a stream: its last event), by endpoint and status"
                 ),
             )
-            .buckets(latency()),
+            .buckets(latency.clone()),
             &["endpoint", "status"],
-        )?;
-        let errors = IntCounterVec::new(
-            Opts::new("blip2_errors_total", "Error answers by error_type"),
-            &["error_type"],
-        )?;
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-        };
-        let preprocess_duration = histogram(
-            "blip2_preprocess_duration_seconds",
-            "Image decode and preprocessing time",
-            latency(),
-        )?;
-        let queue_duration = histogram(
-            "blip2_queue_duration_seconds",
-            "Time from submission to admission into the batch",
-            latency(),
-        )?;
-        let time_to_first_token = histogram(
-            "blip2_time_to_first_token_seconds",
-            "Time from submission to the first token",
-            latency(),
-        )?;
-        let inter_token_latency = histogram(
-            "blip2_inter_token_latency_seconds",
-            "Time between two tokens of one request",
-            latency(),
-        )?;
-        let generated_tokens = histogram(
-            "blip2_generated_tokens",
-            "New tokens per finished request",
-            exponential_buckets(1.0, 2.0, 13)?,
-        )?;
-        let batch_size = histogram(
-            "blip2_batch_size",
-            "Requests in the running batch at each decode step",
-            vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0],
-        )?;
-        let queue_depth = IntGauge::new("blip2_queue_depth", "Requests waiting for admission")?;
-        let running_requests =
-            IntGauge::new("blip2_running_requests", "Requests in the running batch")?;
-        let cancelled = IntCounter::new(
-            "blip2_cancelled_requests_total",
-            "Requests stopped because the client went away or timed out",
-        )?;
-        let image_cache = IntCounterVec::new(
-            Opts::new(
+        ))?;
+        Ok(Self {
+            requests: r.counters(
+                "blip2_requests_total",
+                "Requests by endpoint and status",
+                &["endpoint", "status"],
+            )?,
+            request_duration,
+            errors: r.counters(
+                "blip2_errors_total",
+                "Error answers by error_type",
+                &["error_type"],
+            )?,
+            preprocess_duration: r.histogram(
+                "blip2_preprocess_duration_seconds",
+                "Image decode and preprocessing time",
+                latency.clone(),
+            )?,
+            queue_duration: r.histogram(
+                "blip2_queue_duration_seconds",
+                "Time from submission to admission into the batch",
+                latency.clone(),
+            )?,
+            time_to_first_token: r.histogram(
+                "blip2_time_to_first_token_seconds",
+                "Time from submission to the first token",
+                latency.clone(),
+            )?,
+            inter_token_latency: r.histogram(
+                "blip2_inter_token_latency_seconds",
+                "Time between two tokens of one request",
+                latency,
+            )?,
+            generated_tokens: r.histogram(
+                "blip2_generated_tokens",
+                "New tokens per finished request",
+                exponential_buckets(1.0, 2.0, 13)?,
+            )?,
+            batch_size: r.histogram(
+                "blip2_batch_size",
+                "Requests in the running batch at each decode step",
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0],
+            )?,
+            queue_depth: r.add(IntGauge::new(
+                "blip2_queue_depth",
+                "Requests waiting for admission",
+            ))?,
+            running_requests: r.add(IntGauge::new(
+                "blip2_running_requests",
+                "Requests in the running batch",
+            ))?,
+            cancelled: r.add(IntCounter::new(
+                "blip2_cancelled_requests_total",
+                "Requests stopped because the client went away or timed out",
+            ))?,
+            image_cache: r.counters(
                 "blip2_image_cache_lookups_total",
                 "Vision + Q-Former cache lookups by result",
-            ),
-            &["result"],
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(request_duration.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
-        registry.register(Box::new(preprocess_duration.clone()))?;
-        registry.register(Box::new(queue_duration.clone()))?;
-        registry.register(Box::new(time_to_first_token.clone()))?;
-        registry.register(Box::new(inter_token_latency.clone()))?;
-        registry.register(Box::new(generated_tokens.clone()))?;
-        registry.register(Box::new(batch_size.clone()))?;
-        registry.register(Box::new(queue_depth.clone()))?;
-        registry.register(Box::new(running_requests.clone()))?;
-        registry.register(Box::new(cancelled.clone()))?;
-        registry.register(Box::new(image_cache.clone()))?;
-        Ok(Self {
-            registry,
-            requests,
-            request_duration,
-            errors,
-            preprocess_duration,
-            queue_duration,
-            time_to_first_token,
-            inter_token_latency,
-            generated_tokens,
-            batch_size,
-            queue_depth,
-            running_requests,
-            cancelled,
-            image_cache,
+                &["result"],
+            )?,
+            registry: r.0,
         })
     }
 

@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::wire::ErrorBody;
 use crate::engine::EngineError;
 
 #[derive(Debug, Clone)]
@@ -51,8 +52,11 @@ impl ApiError {
         )
     }
     /// The JSON body, also used for a stream's error event.
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"error": self.message, "error_type": self.error_type})
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: &self.message,
+            error_type: self.error_type,
+        }
     }
 }
 

@@ -269,22 +269,7 @@ async fn read_multipart(endpoint: Endpoint, mut multipart: Multipart) -> Result<
                     };
                     parameters.extend(map);
                 } else {
-                    // A generation parameter as its own field: a number or boolean when it
-                    // reads as one, else a string (unknown names are refused below).
-                    let value = match serde_json::from_str::<serde_json::Value>(&text) {
-                        Ok(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v,
-                        _ if name == "stop" => serde_json::Value::Array(vec![text.into()]),
-                        _ => serde_json::Value::String(text),
-                    };
-                    if name == "stop" {
-                        if let Some(serde_json::Value::Array(list)) = parameters.get_mut("stop") {
-                            if let serde_json::Value::Array(more) = value {
-                                list.extend(more);
-                            }
-                            continue;
-                        }
-                    }
-                    parameters.insert(name, value);
+                    add_parameter_field(&mut parameters, name, text);
                 }
             }
         }
@@ -306,6 +291,30 @@ async fn read_multipart(endpoint: Endpoint, mut multipart: Multipart) -> Result<
     input.many = images.len() > 1;
     input.images = images;
     Ok(input)
+}
+
+/// A generation parameter sent as its own form field: a number or boolean when it reads as
+/// one, else a string (unknown names are refused later, by the settings' type). `stop` may be
+/// repeated; its values collect into a list.
+fn add_parameter_field(
+    parameters: &mut serde_json::Map<String, serde_json::Value>,
+    name: String,
+    text: String,
+) {
+    let value = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v,
+        _ if name == "stop" => serde_json::Value::Array(vec![text.into()]),
+        _ => serde_json::Value::String(text),
+    };
+    if name == "stop" {
+        if let Some(serde_json::Value::Array(list)) = parameters.get_mut("stop") {
+            if let serde_json::Value::Array(more) = value {
+                list.extend(more);
+            }
+            return;
+        }
+    }
+    parameters.insert(name, value);
 }
 
 fn parse_bool(text: &str) -> Option<bool> {

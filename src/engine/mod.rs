@@ -45,15 +45,23 @@ pub struct EngineConfig {
     pub image_cache_size: usize,
 }
 
-impl Default for EngineConfig {
-    fn default() -> Self {
+impl EngineConfig {
+    /// The engine's share of the server's settings.
+    pub fn from_config(c: &crate::config::ServerConfig) -> Self {
         Self {
-            max_batch_size: 8,
-            max_batch_tokens: 32768,
-            max_queue: 64,
-            max_wait: Duration::from_millis(50),
-            image_cache_size: 64,
+            max_batch_size: c.max_batch_size,
+            max_batch_tokens: c.max_batch_tokens,
+            max_queue: c.max_queue,
+            max_wait: Duration::from_millis(c.max_wait_ms),
+            image_cache_size: c.image_cache_size,
         }
+    }
+}
+
+impl Default for EngineConfig {
+    /// What config/default.toml says.
+    fn default() -> Self {
+        Self::from_config(&crate::config::ServerConfig::defaults())
     }
 }
 

@@ -61,17 +61,16 @@ impl BeamSearch {
         self.done
     }
 
-    /// Runs one step over `rows` (the request's logits rows, raw). Returns the running beams
-    /// for the next step as (parent row, token), in order.
-    pub fn step(
-        &mut self,
+    /// The best continuations of every running beam as (score, beam * vocab + token), best
+    /// first (ties by index): as many as can still leave `num_beams` running after EOS hits.
+    fn candidates(
+        &self,
         rows: &[Vec<f32>],
         context_prefix: &[u32],
         params: &GenerationParams,
         eos: &[u32],
-    ) -> Vec<(usize, u32)> {
+    ) -> Vec<(f32, usize)> {
         let vocab = rows.first().map(Vec::len).unwrap_or(0);
-        let gen_len = self.running[0].tokens.len();
         let mut candidates: Vec<(f32, usize)> = Vec::with_capacity(self.running.len() * vocab);
         for (bi, beam) in self.running.iter().enumerate() {
             let mut lp = log_softmax(&rows[beam.row]);
@@ -85,6 +84,21 @@ impl BeamSearch {
         let keep = (2usize.max(1 + eos.len()) * self.num_beams).min(candidates.len());
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         candidates.truncate(keep);
+        candidates
+    }
+
+    /// Runs one step over `rows` (the request's logits rows, raw). Returns the running beams
+    /// for the next step as (parent row, token), in order.
+    pub fn step(
+        &mut self,
+        rows: &[Vec<f32>],
+        context_prefix: &[u32],
+        params: &GenerationParams,
+        eos: &[u32],
+    ) -> Vec<(usize, u32)> {
+        let vocab = rows.first().map(Vec::len).unwrap_or(0);
+        let gen_len = self.running[0].tokens.len();
+        let candidates = self.candidates(rows, context_prefix, params, eos);
 
         let at_limit = gen_len + 1 >= params.max_new_tokens;
         let hits: Vec<bool> = candidates

@@ -292,6 +292,35 @@ enum Search {
     Beam(BeamSearch),
 }
 
+impl Search {
+    /// Beam search for `num_beams` > 1; otherwise `num_return_sequences` greedy or sampled
+    /// candidates (sampling seeded by `seed` when given).
+    fn new(params: &GenerationParams) -> Self {
+        if params.num_beams > 1 {
+            return Search::Beam(BeamSearch::new(params.num_beams));
+        }
+        let candidates = (0..params.num_return_sequences)
+            .map(|_| Candidate {
+                tokens: Vec::new(),
+                logprob: 0.0,
+                text: IncrementalDecoder::new(),
+                shown: String::new(),
+                finish: None,
+                row: 0,
+                last_piece: String::new(),
+                last_logprob: 0.0,
+            })
+            .collect();
+        let rng = params.do_sample.then(|| {
+            Box::new(match params.seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_os_rng(),
+            })
+        });
+        Search::Sampled { candidates, rng }
+    }
+}
+
 struct RequestState {
     params: GenerationParams,
     /// What the reference's processors see before the new tokens (OPT: the input ids;
@@ -381,31 +410,7 @@ impl<'m> DecodeBatch<'m> {
                     Some(start) => vec![start],
                     None => tok.reference_input_ids(&r.prompt),
                 };
-                let search = if r.params.num_beams > 1 {
-                    Search::Beam(BeamSearch::new(r.params.num_beams))
-                } else {
-                    let n = r.params.num_return_sequences;
-                    Search::Sampled {
-                        candidates: (0..n)
-                            .map(|_| Candidate {
-                                tokens: Vec::new(),
-                                logprob: 0.0,
-                                text: IncrementalDecoder::new(),
-                                shown: String::new(),
-                                finish: None,
-                                row: 0,
-                                last_piece: String::new(),
-                                last_logprob: 0.0,
-                            })
-                            .collect(),
-                        rng: r.params.do_sample.then(|| {
-                            Box::new(match r.params.seed {
-                                Some(seed) => StdRng::seed_from_u64(seed),
-                                None => StdRng::from_os_rng(),
-                            })
-                        }),
-                    }
-                };
+                let search = Search::new(&r.params);
                 RequestState {
                     params: r.params.clone(),
                     context,

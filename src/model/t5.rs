@@ -341,6 +341,45 @@ pub struct T5Model {
     cfg: T5Config,
 }
 
+impl EncoderBlock {
+    /// Block `i` (the first holds the relative position bias).
+    fn new(
+        cfg: &T5Config,
+        i: usize,
+        b: VarBuilder,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
+        let (d, eps) = (cfg.d_model, cfg.layer_norm_epsilon);
+        Ok(Self {
+            attn_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
+            attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"), quantize)?,
+            ffn_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
+            ffn: T5Ffn::new(cfg, b.pp("layer.1.DenseReluDense"), quantize)?,
+        })
+    }
+}
+
+impl DecoderBlock {
+    /// Block `i` (the first holds the self-attention's relative position bias; cross-attention
+    /// has none).
+    fn new(
+        cfg: &T5Config,
+        i: usize,
+        b: VarBuilder,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
+        let (d, eps) = (cfg.d_model, cfg.layer_norm_epsilon);
+        Ok(Self {
+            self_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
+            self_attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"), quantize)?,
+            cross_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
+            cross_attn: T5Attention::new(cfg, false, b.pp("layer.1.EncDecAttention"), quantize)?,
+            ffn_norm: RmsNorm::new(d, eps, b.pp("layer.2.layer_norm"))?,
+            ffn: T5Ffn::new(cfg, b.pp("layer.2.DenseReluDense"), quantize)?,
+        })
+    }
+}
+
 impl T5Model {
     /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints).
     /// `quantize` applies to its linear weights (the head included) as they are read.
@@ -350,39 +389,11 @@ impl T5Model {
         let shared = embedding(cfg.vocab_size, d, vb.pp("shared"))?;
         let enc = vb.pp("encoder");
         let encoder = (0..cfg.num_layers)
-            .map(|i| {
-                let b = enc.pp(format!("block.{i}"));
-                Ok(EncoderBlock {
-                    attn_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
-                    attn: T5Attention::new(cfg, i == 0, b.pp("layer.0.SelfAttention"), quantize)?,
-                    ffn_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
-                    ffn: T5Ffn::new(cfg, b.pp("layer.1.DenseReluDense"), quantize)?,
-                })
-            })
+            .map(|i| EncoderBlock::new(cfg, i, enc.pp(format!("block.{i}")), quantize))
             .collect::<Result<Vec<_>>>()?;
         let dec = vb.pp("decoder");
         let decoder = (0..cfg.decoder_layers())
-            .map(|i| {
-                let b = dec.pp(format!("block.{i}"));
-                Ok(DecoderBlock {
-                    self_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
-                    self_attn: T5Attention::new(
-                        cfg,
-                        i == 0,
-                        b.pp("layer.0.SelfAttention"),
-                        quantize,
-                    )?,
-                    cross_norm: RmsNorm::new(d, eps, b.pp("layer.1.layer_norm"))?,
-                    cross_attn: T5Attention::new(
-                        cfg,
-                        false,
-                        b.pp("layer.1.EncDecAttention"),
-                        quantize,
-                    )?,
-                    ffn_norm: RmsNorm::new(d, eps, b.pp("layer.2.layer_norm"))?,
-                    ffn: T5Ffn::new(cfg, b.pp("layer.2.DenseReluDense"), quantize)?,
-                })
-            })
+            .map(|i| DecoderBlock::new(cfg, i, dec.pp(format!("block.{i}")), quantize))
             .collect::<Result<Vec<_>>>()?;
         let (lm_head, head_scale) = if cfg.tie_word_embeddings {
             // A tied head is `shared`; the reference rescales its input by d_model^-0.5.

@@ -176,6 +176,59 @@ macro_rules! decode_kernel {
                 far: usize,
             }
 
+            impl Ahead {
+                /// The pair is read whole, then the next pair (rows j + 2 and j + 3): over rows
+                /// of at least `PREFETCH_AHEAD` columns, near the end of the rows ask for the
+                /// start of those.
+                fn for_row_len(k: usize) -> Self {
+                    if k >= PREFETCH_AHEAD {
+                        Ahead {
+                            near: PREFETCH_AHEAD,
+                            switch: k.saturating_sub(PREFETCH_AHEAD),
+                            far: PREFETCH_AHEAD + k,
+                        }
+                    } else {
+                        Ahead {
+                            near: PREFETCH_AHEAD,
+                            switch: k,
+                            far: PREFETCH_AHEAD,
+                        }
+                    }
+                }
+            }
+
+            /// Runs the pair over all `m` input rows, `TILE_ROWS` at a time. The first tile reads
+            /// the weights from memory: it asks ahead for what comes next (later tiles find this
+            /// pair in L1).
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn tiles(pair: &Pair, m: usize, a0: &mut [__m256], a1: &mut [__m256]) {
+                let mut i = 0;
+                while i < m {
+                    let take = (m - i).min(TILE_ROWS);
+                    let (t0, t1) = (&mut a0[i..], &mut a1[i..]);
+                    match (take, i == 0) {
+                        (8, true) => tile::<8, true>(pair, i, t0, t1),
+                        (8, false) => tile::<8, false>(pair, i, t0, t1),
+                        (7, true) => tile::<7, true>(pair, i, t0, t1),
+                        (7, false) => tile::<7, false>(pair, i, t0, t1),
+                        (6, true) => tile::<6, true>(pair, i, t0, t1),
+                        (6, false) => tile::<6, false>(pair, i, t0, t1),
+                        (5, true) => tile::<5, true>(pair, i, t0, t1),
+                        (5, false) => tile::<5, false>(pair, i, t0, t1),
+                        (4, true) => tile::<4, true>(pair, i, t0, t1),
+                        (4, false) => tile::<4, false>(pair, i, t0, t1),
+                        (3, true) => tile::<3, true>(pair, i, t0, t1),
+                        (3, false) => tile::<3, false>(pair, i, t0, t1),
+                        (2, true) => tile::<2, true>(pair, i, t0, t1),
+                        (2, false) => tile::<2, false>(pair, i, t0, t1),
+                        (_, true) => tile::<1, true>(pair, i, t0, t1),
+                        (_, false) => tile::<1, false>(pair, i, t0, t1),
+                    }
+                    i += take;
+                }
+            }
+
             /// Two weight rows and the columns of this chunk, dotted with tiles of input rows.
             #[derive(Clone, Copy)]
             struct Pair<'a> {
@@ -246,21 +299,7 @@ macro_rules! decode_kernel {
                         } else {
                             &mut scratch[..m]
                         };
-                        let ahead = if k >= PREFETCH_AHEAD {
-                            // The pair is read whole, then the next pair (rows j + 2 and j + 3):
-                            // near the end of the rows, ask for the start of those.
-                            Ahead {
-                                near: PREFETCH_AHEAD,
-                                switch: k.saturating_sub(PREFETCH_AHEAD),
-                                far: PREFETCH_AHEAD + k,
-                            }
-                        } else {
-                            Ahead {
-                                near: PREFETCH_AHEAD,
-                                switch: k,
-                                far: PREFETCH_AHEAD,
-                            }
-                        };
+                        let ahead = Ahead::for_row_len(k);
                         let pair = Pair {
                             x,
                             k,
@@ -270,32 +309,7 @@ macro_rules! decode_kernel {
                             k1,
                             ahead,
                         };
-                        let mut i = 0;
-                        while i < m {
-                            let take = (m - i).min(TILE_ROWS);
-                            let (t0, t1) = (&mut a0[i..], &mut a1[i..]);
-                            // The first tile reads the weights from memory: it asks ahead for what
-                            // comes next (later tiles find this pair in L1).
-                            match (take, i == 0) {
-                                (8, true) => tile::<8, true>(&pair, i, t0, t1),
-                                (8, false) => tile::<8, false>(&pair, i, t0, t1),
-                                (7, true) => tile::<7, true>(&pair, i, t0, t1),
-                                (7, false) => tile::<7, false>(&pair, i, t0, t1),
-                                (6, true) => tile::<6, true>(&pair, i, t0, t1),
-                                (6, false) => tile::<6, false>(&pair, i, t0, t1),
-                                (5, true) => tile::<5, true>(&pair, i, t0, t1),
-                                (5, false) => tile::<5, false>(&pair, i, t0, t1),
-                                (4, true) => tile::<4, true>(&pair, i, t0, t1),
-                                (4, false) => tile::<4, false>(&pair, i, t0, t1),
-                                (3, true) => tile::<3, true>(&pair, i, t0, t1),
-                                (3, false) => tile::<3, false>(&pair, i, t0, t1),
-                                (2, true) => tile::<2, true>(&pair, i, t0, t1),
-                                (2, false) => tile::<2, false>(&pair, i, t0, t1),
-                                (_, true) => tile::<1, true>(&pair, i, t0, t1),
-                                (_, false) => tile::<1, false>(&pair, i, t0, t1),
-                            }
-                            i += take;
-                        }
+                        tiles(&pair, m, a0, a1);
                         k0 = k1;
                     }
                     j += 2;
