@@ -99,6 +99,7 @@ pub struct ServerConfig {
     pub api_key: String,
     pub cors_allow_origins: Vec<String>,
     pub log_format: LogFormat,
+    pub shutdown_delay_s: u64,
     pub shutdown_grace_s: u64,
 }
 
@@ -212,7 +213,12 @@ pub struct ServeArgs {
     #[arg(long, value_enum, env = "BLIP2_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
+    /// Seconds after SIGTERM/SIGINT during which /ready answers 503 while requests are still
+    /// served, so a load balancer stops sending first [default: 5].
+    #[arg(long, env = "BLIP2_SHUTDOWN_DELAY_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_delay_s: Option<u64>,
+    /// Seconds in-flight requests get to finish once the listener is closed [default: 30].
     #[arg(long, env = "BLIP2_SHUTDOWN_GRACE_S")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_s: Option<u64>,
@@ -438,6 +444,7 @@ mod tests {
             api_key: Some(String::new()),
             cors_allow_origins: Some(Vec::new()),
             log_format: Some(LogFormat::Text),
+            shutdown_delay_s: Some(0),
             shutdown_grace_s: Some(0),
         })
         .unwrap();

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;
 pub mod server;
+pub mod startup;
 pub mod tuning;
 
 pub use pipeline::{Blip2Pipeline, Generation, LoadOptions, PipelineError};

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -10,9 +11,10 @@ use clap::{Parser, Subcommand};
 
 use blip2_server::config::{DTypeName, LogFormat, QuantizeName, ServeArgs, ServerConfig};
 use blip2_server::generation::GenerationOverrides;
-use blip2_server::model::ModelSource;
+use blip2_server::model::{ModelFiles, ModelSource};
 use blip2_server::preprocess::ImageLimits;
 use blip2_server::server::ServeOptions;
+use blip2_server::startup::Startup;
 use blip2_server::{Blip2Pipeline, LoadOptions, PipelineError};
 
 #[derive(Parser)]
@@ -38,6 +40,23 @@ enum Command {
     Serve(ServeArgs),
     /// Caption images or answer a prompt about them (greedy decoding), as one batch.
     Generate(GenerateArgs),
+    /// Ask a server on this host whether it is ready (GET /ready): exit 0 on 200, else 1 with
+    /// the reason. For a container HEALTHCHECK, which then needs no curl in the image.
+    Health(HealthArgs),
+}
+
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// The server's port (the same variable `serve` reads).
+    #[arg(long, env = "BLIP2_PORT", default_value_t = 8080)]
+    port: u16,
+    /// The path to ask; /health answers 200 while the process runs, /ready only once the model
+    /// is loaded and the server not draining.
+    #[arg(long, default_value = "/ready")]
+    path: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5)]
+    timeout_s: u64,
 }
 
 #[derive(clap::Args)]
@@ -144,9 +163,11 @@ impl From<GenerationArgs> for GenerationOverrides {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs on stderr, filtered by RUST_LOG, else at `default_level` (`serve`: info, as TGI and
+/// vLLM do; `generate`: warn, so that its stderr holds only what went wrong).
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -194,37 +215,100 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Generate(args) => generate(args),
+        Command::Health(args) => health(&args),
     }
 }
 
-/// `serve`: settings in layers, the model, then the server until SIGTERM/SIGINT.
+/// `serve`: settings in layers; the listener, serving the loading routes while the model loads;
+/// then the server until SIGTERM/SIGINT.
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig::load(args)?;
-    init_logging(config.log_format);
-    let (source, pipeline) = load(
-        &config.model,
-        &config.revision,
-        config.dtype.dtype(),
-        config.quantize,
-        ImageLimits {
+    init_logging(config.log_format, "info");
+    let runtime = tokio::runtime::Runtime::new()?;
+    let served = runtime.block_on(serve_until_signal(config));
+    // A signal during the load leaves the loading thread behind: do not wait for it.
+    runtime.shutdown_background();
+    served
+}
+
+async fn serve_until_signal(config: ServerConfig) -> anyhow::Result<()> {
+    let (host, port) = (config.host.as_str(), config.port);
+    let socket = std::net::TcpListener::bind((host, port))
+        .with_context(|| format!("binding {host}:{port}"))?;
+    socket.set_nonblocking(true)?;
+    let address = socket.local_addr()?;
+    // Installed before the load, so that a SIGTERM during it stops the process cleanly.
+    let mut shutdown = Box::pin(shutdown_signal()?);
+    let source = ModelSource::parse(&config.model, Some(&config.revision))?;
+    let model_id = source.describe();
+    tracing::info!(%address, model = %model_id, "listening; /ready answers 503 until the model is loaded");
+    let startup = Startup::new("resolving checkpoint");
+    let (stop_loading, loading_stopped) = tokio::sync::oneshot::channel::<()>();
+    let loading = tokio::spawn(blip2_server::server::serve_loading(
+        tokio::net::TcpListener::from_std(socket.try_clone()?)?,
+        startup.clone(),
+        model_id.clone(),
+        async {
+            let _ = loading_stopped.await;
+        },
+    ));
+    let load = {
+        let (config, startup) = (config.clone(), startup.clone());
+        tokio::task::spawn_blocking(move || load_for_serving(&source, &config, &startup))
+    };
+    let pipeline = tokio::select! {
+        loaded = load => loaded??,
+        _ = &mut shutdown => {
+            tracing::info!("stopped while loading");
+            return Ok(());
+        }
+    };
+    let _ = stop_loading.send(());
+    // Open connections to the loading routes are closed after their answer; a client that
+    // holds one open idle does not hold up the start.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), loading).await;
+    startup.phase("ready");
+    let mut serve = ServeOptions::from_config(&config);
+    serve.model_id = model_id;
+    serve.startup = Some(startup);
+    let listener = tokio::net::TcpListener::from_std(socket)?;
+    tracing::info!(%address, model = %serve.model_id, "serving");
+    blip2_server::server::run(pipeline, serve, listener, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The checkpoint of `serve`, its progress reported to `startup` phase by phase.
+fn load_for_serving(
+    source: &ModelSource,
+    config: &ServerConfig,
+    startup: &Arc<Startup>,
+) -> anyhow::Result<Blip2Pipeline> {
+    let files = ModelFiles::resolve_reporting(source, Some(startup.clone()))
+        .with_context(|| format!("loading model {}", source.describe()))?;
+    startup.phase("loading weights");
+    // Tests of the loading routes (and of balancers' handling of a loading replica) need a
+    // load that lasts: this stretches it. Not a setting: nothing else should use it.
+    if let Some(ms) = std::env::var("BLIP2_DEBUG_LOAD_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    let options = LoadOptions {
+        dtype: config.dtype.dtype(),
+        device: Device::Cpu,
+        limits: ImageLimits {
             max_bytes: config.max_image_bytes,
             max_pixels: config.max_image_pixels,
         },
-    )?;
-    let mut serve = ServeOptions::from_config(&config);
-    serve.model_id = source.describe();
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
-        let (host, port) = (config.host.as_str(), config.port);
-        let listener = tokio::net::TcpListener::bind((host, port))
-            .await
-            .with_context(|| format!("binding {host}:{port}"))?;
-        tracing::warn!(address = %listener.local_addr()?, model = %serve.model_id, "serving");
-        let shutdown = shutdown_signal()?;
-        blip2_server::server::run(pipeline, serve, listener, shutdown).await?;
-        tracing::warn!("stopped");
-        Ok(())
-    })
+        quantize: config.quantize.quantization(),
+    };
+    let pipeline = Blip2Pipeline::load_files(&files, &options)
+        .with_context(|| format!("loading model {}", source.describe()))?;
+    // The weights are in place: from here on, freed working memory stays in the process.
+    blip2_server::tuning::keep_freed_memory();
+    Ok(pipeline)
 }
 
 /// `generate`: one batch through the checkpoint, printed one line per sequence.
@@ -241,7 +325,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         max_image_bytes,
         max_image_pixels,
     } = args;
-    init_logging(LogFormat::Text);
+    init_logging(LogFormat::Text, "warn");
     let prompts: Vec<Option<String>> = match prompts.len() {
         0 => vec![None; images.len()],
         1 => vec![Some(prompts[0].clone()); images.len()],
@@ -305,6 +389,33 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `health`: one HTTP/1.1 GET on loopback; the status line decides.
+fn health(args: &HealthArgs) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(args.timeout_s.max(1));
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
+    let mut conn = std::net::TcpStream::connect_timeout(&address, timeout)
+        .with_context(|| format!("connecting to {address}"))?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    let path = &args.path;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    conn.take(64 * 1024)
+        .read_to_end(&mut answer)
+        .with_context(|| format!("reading the answer to GET {path}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        return Ok(());
+    }
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+    bail!("GET {path}: {status} {body}")
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when the

@@ -1,8 +1,10 @@
 //! `run(pipeline, options, listener, shutdown)`: the HTTP server around one loaded model. Tests
 //! start it on 127.0.0.1:0 and stop it through `shutdown`; `main` passes SIGTERM/SIGINT.
 //!
-//! On shutdown the listener stops accepting, `/ready` answers 503, and in-flight requests get
-//! `shutdown_grace` to finish; then `run` returns (the process exits 0).
+//! On shutdown `/ready` answers 503 at once while requests are still accepted and served for
+//! `shutdown_delay` (a balancer probing `/ready` stops sending first); then the listener stops
+//! accepting and in-flight requests get `shutdown_grace` to finish; then `run` returns (the
+//! process exits 0).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,11 +14,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::api::wire::StaticInfo;
 use crate::api::{app, openapi_json, AppState, Limits};
 use crate::config::ServerConfig;
 use crate::engine::{self, EngineConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::Blip2Pipeline;
+use crate::startup::Startup;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -34,24 +38,21 @@ pub struct ServeOptions {
     pub vqa_templates: std::collections::BTreeMap<String, String>,
     pub api_key: Option<String>,
     pub cors_allow_origins: Vec<String>,
+    pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
     /// Reported by `/info`.
     pub model_id: String,
     pub revision: String,
     /// Reported by `/info`: "none", "q8_0" or "q4k".
     pub quantize: String,
+    /// Reported by `/info`: how start-up went, when the caller tracked it.
+    pub startup: Option<Arc<Startup>>,
 }
 
 impl ServeOptions {
     pub fn from_config(c: &ServerConfig) -> Self {
         Self {
-            engine: EngineConfig {
-                max_batch_size: c.max_batch_size,
-                max_batch_tokens: c.max_batch_tokens,
-                max_queue: c.max_queue,
-                max_wait: Duration::from_millis(c.max_wait_ms),
-                image_cache_size: c.image_cache_size,
-            },
+            engine: EngineConfig::from_config(c),
             max_body_bytes: c.max_body_bytes,
             max_concurrent_requests: c.max_concurrent_requests,
             request_timeout: (c.request_timeout_s > 0)
@@ -63,10 +64,12 @@ impl ServeOptions {
             vqa_templates: c.vqa_templates(),
             api_key: (!c.api_key.is_empty()).then(|| c.api_key.clone()),
             cors_allow_origins: c.cors_allow_origins.clone(),
+            shutdown_delay: Duration::from_secs(c.shutdown_delay_s),
             shutdown_grace: Duration::from_secs(c.shutdown_grace_s),
             model_id: c.model.clone(),
             revision: c.revision.clone(),
             quantize: c.quantize.as_str().to_string(),
+            startup: None,
         }
     }
 }
@@ -98,31 +101,31 @@ fn device_name(device: &candle_core::Device) -> String {
 }
 
 /// What `/info` reports that does not change while the server runs.
-fn info_json(
+fn static_info(
     options: &ServeOptions,
     model_type: &str,
     pipeline: &Blip2Pipeline,
     vqa_template: &str,
-) -> serde_json::Value {
-    serde_json::json!({
-        "model_id": options.model_id,
-        "revision": options.revision,
-        "model_type": model_type,
-        "dtype": format!("{:?}", pipeline.model.dtype()).to_lowercase(),
-        "quantize": options.quantize,
-        "device": device_name(pipeline.model.device()),
-        "max_batch_size": options.engine.max_batch_size,
-        "max_batch_tokens": options.engine.max_batch_tokens,
-        "max_queue": options.engine.max_queue,
-        "max_concurrent_requests": options.max_concurrent_requests,
-        "max_body_bytes": options.max_body_bytes,
-        "max_images_per_request": options.max_images_per_request,
-        "max_prompt_tokens": options.max_prompt_tokens,
-        "max_new_tokens": options.max_new_tokens,
-        "request_timeout_s": options.request_timeout.map(|t| t.as_secs()),
-        "vqa_template": vqa_template,
-        "version": env!("CARGO_PKG_VERSION"),
-    })
+) -> StaticInfo {
+    StaticInfo {
+        model_id: options.model_id.clone(),
+        revision: options.revision.clone(),
+        model_type: model_type.to_string(),
+        dtype: format!("{:?}", pipeline.model.dtype()).to_lowercase(),
+        quantize: options.quantize.clone(),
+        device: device_name(pipeline.model.device()),
+        max_batch_size: options.engine.max_batch_size,
+        max_batch_tokens: options.engine.max_batch_tokens,
+        max_queue: options.engine.max_queue,
+        max_concurrent_requests: options.max_concurrent_requests,
+        max_body_bytes: options.max_body_bytes,
+        max_images_per_request: options.max_images_per_request,
+        max_prompt_tokens: options.max_prompt_tokens,
+        max_new_tokens: options.max_new_tokens,
+        request_timeout_s: options.request_timeout.map(|t| t.as_secs()),
+        vqa_template: vqa_template.to_string(),
+        version: env!("CARGO_PKG_VERSION"),
+    }
 }
 
 pub async fn run(
@@ -150,7 +153,7 @@ pub async fn run(
         max_positions: lm.position_limit(),
         request_timeout: options.request_timeout,
     };
-    let info = info_json(&options, lm.model_type(), &pipeline, &vqa_template);
+    let info = static_info(&options, lm.model_type(), &pipeline, &vqa_template);
     let metrics = Arc::new(Metrics::new()?);
     let (engine, worker) = engine::start(pipeline, options.engine.clone(), metrics.clone());
     let state = Arc::new(AppState {
@@ -168,14 +171,24 @@ pub async fn run(
         api_key: options.api_key.clone(),
         cors_allow_origins: options.cors_allow_origins.clone(),
         openapi_json: openapi_json().map_err(ServeError::OpenApi)?,
+        startup: options.startup.clone(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let draining = state.clone();
+    let delay = options.shutdown_delay;
     tokio::spawn(async move {
         shutdown.await;
-        // /ready turns 503 while in-flight requests finish.
+        // /ready turns 503 first, while new requests are still served: balancers that probe it
+        // take this replica out of rotation before the listener closes.
         draining.ready.store(false, Ordering::Relaxed);
-        tracing::warn!("shutting down: draining in-flight requests");
+        if !delay.is_zero() {
+            tracing::info!(
+                seconds = delay.as_secs(),
+                "shutting down: /ready answers 503, still serving (shutdown_delay_s)"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!("shutting down: listener closed, draining in-flight requests");
         let _ = stop_tx.send(true);
     });
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -198,5 +211,21 @@ pub async fn run(
     drop(state);
     // The worker ends once every handle is gone and its running requests are done.
     let _ = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || worker.join())).await;
+    Ok(())
+}
+
+/// Serves the loading routes ([`crate::api::loading_app`]) on `listener` until `stop` resolves,
+/// then closes it; the caller then serves the model on the same socket (a clone of it), so a
+/// probe or request in between waits in the backlog instead of being refused.
+pub async fn serve_loading(
+    listener: TcpListener,
+    startup: Arc<Startup>,
+    model_id: String,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let app = crate::api::loading_app(startup, model_id);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await?;
     Ok(())
 }

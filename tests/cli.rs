@@ -436,7 +436,183 @@ fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, St
     };
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    // The server listens while the model loads: wait until it is ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !http_raw(
+        &addr,
+        "GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .starts_with("HTTP/1.1 200")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     (child, addr)
+}
+
+/// Starts `serve` and returns as soon as it listens (before the model is loaded).
+fn spawn_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let model = model_dir("opt-tiny");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-server"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .env("BLIP2_MODEL", model.to_str().unwrap())
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited");
+        if let Some(rest) = line.split("address=").nth(1) {
+            let token = rest.split_whitespace().next().unwrap();
+            break token
+                .chars()
+                .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect::<String>();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, addr)
+}
+
+fn status_and_body(response: &str) -> (u16, serde_json::Value) {
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    status_and_body(&http_raw(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+    ))
+}
+
+/// While the model loads the server already listens: alive, not ready, the phase on /info,
+/// inference refused with 503 and Retry-After; `health` says not ready. Then it serves.
+#[test]
+fn serve_reports_the_load_phase_and_refuses_work_until_loaded() {
+    let (mut child, addr) = spawn_listening(&[], &[("BLIP2_DEBUG_LOAD_DELAY_MS", "3000")]);
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    assert_eq!(get(&addr, "/health").0, 200);
+    let (status, body) = get(&addr, "/ready");
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    let (status, info) = get(&addr, "/info");
+    assert_eq!(status, 200);
+    assert_eq!(info["ready"], false, "{info}");
+    assert_eq!(info["startup"]["phase"], "loading weights", "{info}");
+    assert_eq!(
+        info["startup"]["phases"][0]["phase"], "resolving checkpoint",
+        "{info}"
+    );
+    let caption = http_raw(
+        &addr,
+        "POST /v1/caption HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert!(caption.starts_with("HTTP/1.1 503"), "{caption}");
+    assert!(
+        caption.to_ascii_lowercase().contains("retry-after: 5"),
+        "{caption}"
+    );
+    let health = blip2(&["health", "--port", &port]);
+    assert_eq!(health.status.code(), Some(1), "{health:?}");
+    assert!(
+        String::from_utf8_lossy(&health.stderr).contains("503"),
+        "{health:?}"
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while get(&addr, "/ready").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let health = blip2(&["health", "--port", &port]);
+    assert!(health.status.success(), "{health:?}");
+    let (_, info) = get(&addr, "/info");
+    assert_eq!(info["ready"], true);
+    assert_eq!(info["startup"]["phase"], "ready", "{info}");
+    let loading = info["startup"]["phases"][1]["seconds"].as_f64().unwrap();
+    assert!(loading >= 3.0, "the load phase lasted {loading} s: {info}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing listens any more.
+    let gone = blip2(&["health", "--port", &port, "--timeout-s", "1"]);
+    assert_eq!(gone.status.code(), Some(1));
+}
+
+/// SIGTERM first turns /ready to 503 while requests are still served (shutdown_delay_s), then
+/// the listener closes and the process exits 0; a SIGTERM while loading exits at once.
+#[test]
+fn sigterm_keeps_serving_with_ready_503_for_the_shutdown_delay() {
+    let (mut child, addr) = spawn_server(&["--shutdown-delay-s", "3"], &[]);
+    let image = std::fs::read(image_path("rgb_640x480.png")).unwrap();
+    let body =
+        serde_json::json!({"image": base64_encode(&image), "parameters": {"max_new_tokens": 2}})
+            .to_string();
+    let caption = format!(
+        "POST /v1/caption HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let signalled = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = signalled + std::time::Duration::from_secs(2);
+    while get(&addr, "/ready").0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "/ready still 200");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let answered = http_raw(&addr, &caption);
+    assert!(
+        signalled.elapsed() < std::time::Duration::from_secs(3),
+        "the check ran past the delay; the machine is too slow for this test"
+    );
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let took = signalled.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(3),
+        "exited after {took:?}"
+    );
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "still listening"
+    );
+
+    let (mut child, _) = spawn_listening(&[], &[("BLIP2_DEBUG_LOAD_DELAY_MS", "60000")]);
+    let signalled = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(signalled.elapsed() < std::time::Duration::from_secs(10));
 }
 
 /// One HTTP/1.1 exchange on a fresh connection; returns the raw response.

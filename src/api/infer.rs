@@ -16,9 +16,10 @@ use tokio::time::Instant as Deadline;
 
 use super::error::ApiError;
 use super::input::{self, Endpoint, Input, Parameters};
-use super::AppState;
+use super::wire::{GenerationResult, Results, TextField, TokenEvent, TokenInfo};
+use super::{AppState, Limits};
 use crate::engine::{job_tokens, Job, JobEvent, SubmitError};
-use crate::generation::{GeneratedSequence, GenerationParams};
+use crate::generation::GenerationParams;
 use crate::preprocess::PreprocessError;
 use crate::prompt::Prompt;
 
@@ -72,8 +73,10 @@ async fn handle(
     // Until it is queued (or fails), an idle worker may wait for this request to batch it
     // with the ones that arrived just before it.
     let incoming = s.engine.incoming();
-    if !s.is_ready() {
-        return Err(ApiError::unavailable("the server is not ready"));
+    // Not `is_ready`: while draining, /ready already answers 503 but requests that still
+    // arrive (for `shutdown_delay_s`, until the balancer notices) are served.
+    if !s.engine.is_running() {
+        return Err(ApiError::unavailable("the model worker has stopped"));
     }
     let stream_header = wants_sse(request.headers());
     let Input {
@@ -91,8 +94,8 @@ async fn handle(
     drop(incoming);
     let guard = CancelOnDrop(submitted.iter().map(|j| j.cancel.clone()).collect());
     let field = match endpoint {
-        Endpoint::Caption => "text",
-        Endpoint::Vqa => "answer",
+        Endpoint::Caption => TextField::Text,
+        Endpoint::Vqa => TextField::Answer,
     };
     if stream {
         let one = submitted.into_iter().next().expect("one image");
@@ -113,12 +116,12 @@ async fn handle(
     };
     drop(guard);
     drop(permit);
-    let body = if many {
-        serde_json::json!({ "results": results })
+    Ok(if many {
+        Json(Results { results }).into_response()
     } else {
-        results.into_iter().next().expect("one result")
-    };
-    Ok(Json(body).into_response())
+        let one = results.into_iter().next();
+        Json(one.ok_or_else(|| ApiError::internal("no result"))?).into_response()
+    })
 }
 
 /// Every check a request passes before its images are decoded: image count, settings and the
@@ -176,34 +179,44 @@ fn checked_request(
         .prompts
         .build(prompt_text.as_deref())
         .map_err(|e| ApiError::validation(e.to_string()))?;
-    if prompt.text_ids.len() > s.limits.max_prompt_tokens {
+    check_budgets(&s.limits, &prompt, &params)?;
+    Ok((prompt, params))
+}
+
+/// The prompt and its generation fit the server's token limits and the model's positions.
+fn check_budgets(
+    limits: &Limits,
+    prompt: &Prompt,
+    params: &GenerationParams,
+) -> Result<(), ApiError> {
+    if prompt.text_ids.len() > limits.max_prompt_tokens {
         return Err(ApiError::validation(format!(
             "the prompt has {} tokens; at most {} (max_prompt_tokens)",
             prompt.text_ids.len(),
-            s.limits.max_prompt_tokens
+            limits.max_prompt_tokens
         )));
     }
-    if let Some(max) = s.limits.max_positions {
-        let total = s.limits.num_query_tokens + prompt.text_ids.len() + params.max_new_tokens;
+    if let Some(max) = limits.max_positions {
+        let total = limits.num_query_tokens + prompt.text_ids.len() + params.max_new_tokens;
         if total > max {
             return Err(ApiError::validation(format!(
                 "{} query + {} prompt + {} new tokens exceed the model's {max} positions: \
                  lower max_new_tokens",
-                s.limits.num_query_tokens,
+                limits.num_query_tokens,
                 prompt.text_ids.len(),
                 params.max_new_tokens
             )));
         }
     }
-    let cost = job_tokens(s.limits.num_query_tokens, &prompt, &params);
-    if cost > s.limits.max_batch_tokens {
+    let cost = job_tokens(limits.num_query_tokens, prompt, params);
+    if cost > limits.max_batch_tokens {
         return Err(ApiError::validation(format!(
             "this request needs {cost} batch tokens ((query + prompt + max_new_tokens) x rows); \
              the server's budget is {} (max_batch_tokens)",
-            s.limits.max_batch_tokens
+            limits.max_batch_tokens
         )));
     }
-    Ok((prompt, params))
+    Ok(())
 }
 
 /// Decodes and preprocesses each image on the blocking pool, at most `preprocess_workers` at
@@ -274,59 +287,21 @@ fn submit(
     Ok(submitted)
 }
 
-fn token_json(id: u32, text: &str, logprob: f32) -> serde_json::Value {
-    serde_json::json!({"id": id, "text": text, "logprob": logprob})
-}
-
-/// The answer for one image: `{<field>, finish_reason, usage, token_ids, details?, sequences?}`.
-fn result_body(
-    seqs: &[GeneratedSequence],
-    prompt_tokens: usize,
-    field: &str,
-    tokens: Option<Vec<serde_json::Value>>,
-) -> serde_json::Value {
-    let first = &seqs[0];
-    let mut body = serde_json::json!({
-        "finish_reason": first.finish_reason,
-        "usage": {"prompt_tokens": prompt_tokens, "generated_tokens": first.token_ids.len()},
-        "token_ids": first.token_ids,
-    });
-    body[field] = serde_json::Value::String(first.text.clone());
-    if let Some(tokens) = tokens {
-        body["details"] = serde_json::json!({ "tokens": tokens });
-    }
-    if seqs.len() > 1 {
-        body["sequences"] = serde_json::Value::Array(
-            seqs.iter()
-                .map(|q| {
-                    serde_json::json!({
-                        "text": q.text,
-                        "finish_reason": q.finish_reason,
-                        "token_ids": q.token_ids,
-                        "score": q.score,
-                    })
-                })
-                .collect(),
-        );
-    }
-    body
-}
-
 async fn collect(
     mut job: Submitted,
-    field: &str,
+    field: TextField,
     details: bool,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<GenerationResult, ApiError> {
     let mut tokens = Vec::new();
     while let Some(event) = job.rx.recv().await {
         match event {
             JobEvent::Token { id, text, logprob } => {
                 if details {
-                    tokens.push(token_json(id, &text, logprob));
+                    tokens.push(TokenInfo { id, text, logprob });
                 }
             }
             JobEvent::Done(seqs) if !seqs.is_empty() => {
-                return Ok(result_body(
+                return Ok(GenerationResult::new(
                     &seqs,
                     job.prompt_tokens,
                     field,
@@ -347,7 +322,7 @@ struct StreamState {
     _guard: CancelOnDrop,
     _permit: OwnedSemaphorePermit,
     deadline: Option<Deadline>,
-    tokens: Vec<serde_json::Value>,
+    tokens: Vec<TokenInfo>,
 }
 
 fn sse(
@@ -356,7 +331,7 @@ fn sse(
     guard: CancelOnDrop,
     permit: OwnedSemaphorePermit,
     deadline: Option<Deadline>,
-    field: &'static str,
+    field: TextField,
     details: bool,
 ) -> Response {
     let state = StreamState {
@@ -377,22 +352,21 @@ fn sse(
         };
         let error = |st: &StreamState, e: ApiError| {
             st.s.metrics.errors.with_label_values(&[e.error_type]).inc();
-            Event::default().event("error").data(e.body().to_string())
+            Event::default().event("error").data(json_text(&e.body()))
         };
         let last = match next {
             Ok(Some(JobEvent::Token { id, text, logprob })) => {
-                let token = token_json(id, &text, logprob);
+                let token = TokenInfo { id, text, logprob };
+                let event = Event::default().data(json_text(&TokenEvent { token: &token }));
                 if details {
-                    st.tokens.push(token.clone());
+                    st.tokens.push(token);
                 }
-                let data = serde_json::json!({ "token": token });
-                let event = Event::default().data(data.to_string());
                 return Some((Ok::<_, Infallible>(event), Some(st)));
             }
             Ok(Some(JobEvent::Done(seqs))) if !seqs.is_empty() => {
                 let tokens = details.then(|| std::mem::take(&mut st.tokens));
-                let body = result_body(&seqs, st.job.prompt_tokens, field, tokens);
-                Event::default().data(body.to_string())
+                let body = GenerationResult::new(&seqs, st.job.prompt_tokens, field, tokens);
+                Event::default().data(json_text(&body))
             }
             Ok(Some(JobEvent::Error(e))) => error(&st, e.into()),
             Ok(_) => error(
@@ -411,4 +385,14 @@ fn sse(
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+/// A wire type as one line of JSON (an SSE `data:` field). These types have string keys and
+/// finite-or-null numbers only, so serialisation cannot fail; the fallback keeps a stream alive
+/// if that ever stops being true.
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a response body did not serialise");
+        r#"{"error":"response serialisation failed","error_type":"internal"}"#.to_string()
+    })
 }

@@ -5,6 +5,8 @@
 mod error;
 mod infer;
 mod input;
+mod loading;
+pub mod wire;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,12 +23,14 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 
 pub use error::{ApiError, ErrorType};
+pub use loading::loading_app;
 
 use crate::engine::EngineHandle;
 use crate::generation::GenerationParams;
 use crate::metrics::Metrics;
 use crate::preprocess::ImageProcessor;
 use crate::prompt::PromptBuilder;
+use crate::startup::Startup;
 
 /// The API description served at /openapi.json (this file, as JSON).
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
@@ -58,7 +62,7 @@ pub struct AppState {
     pub decode_permits: Semaphore,
     /// Requests in flight (max_concurrent_requests).
     pub in_flight: Arc<Semaphore>,
-    pub info: serde_json::Value,
+    pub info: wire::StaticInfo,
     /// False until started and while draining.
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
@@ -68,6 +72,8 @@ pub struct AppState {
     pub cors_allow_origins: Vec<String>,
     /// openapi.yaml as JSON.
     pub openapi_json: String,
+    /// How start-up went (phases and their times), when the caller reported it.
+    pub startup: Option<Arc<Startup>>,
 }
 
 impl AppState {
@@ -151,6 +157,19 @@ fn request_id(request: &Request) -> HeaderValue {
     })
 }
 
+/// One line per request. Probes and scrapes (which balancers and Prometheus send every few
+/// seconds) log at debug level unless they fail.
+fn log_answer(endpoint: &str, status: StatusCode, elapsed: f64) {
+    let code = status.as_u16();
+    if status.is_server_error() && !matches!(endpoint, "/ready") {
+        tracing::error!(status = code, head_seconds = elapsed, "answered");
+    } else if matches!(endpoint, "/health" | "/ready" | "/metrics") {
+        tracing::debug!(status = code, head_seconds = elapsed, "answered");
+    } else {
+        tracing::info!(status = code, head_seconds = elapsed, "answered");
+    }
+}
+
 /// Request ids, a tracing span per request, and the request / error metrics.
 async fn observe(State(s): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -178,13 +197,7 @@ async fn observe(State(s): State<Arc<AppState>>, request: Request, next: Next) -
     if let Some(ErrorType(kind)) = response.extensions().get::<ErrorType>() {
         s.metrics.errors.with_label_values(&[kind]).inc();
     }
-    span.in_scope(|| {
-        if status.is_server_error() {
-            tracing::error!(status = status.as_u16(), head_seconds = elapsed, "answered");
-        } else {
-            tracing::info!(status = status.as_u16(), head_seconds = elapsed, "answered");
-        }
-    });
+    span.in_scope(|| log_answer(&endpoint, status, elapsed));
     response.headers_mut().insert("x-request-id", id);
     // The duration runs to the end of the body (for a stream, its last event; or the client
     // hanging up), not to the head.
@@ -279,12 +292,15 @@ async fn ready(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn info(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let mut info = s.info.clone();
-    info["ready"] = s.is_ready().into();
-    info["queue_depth"] = s.metrics.queue_depth.get().into();
-    info["running_requests"] = s.metrics.running_requests.get().into();
-    Json(info)
+async fn info(State(s): State<Arc<AppState>>) -> Response {
+    Json(wire::Info {
+        fixed: &s.info,
+        startup: s.startup.as_ref().map(|st| st.info()),
+        ready: s.is_ready(),
+        queue_depth: s.metrics.queue_depth.get(),
+        running_requests: s.metrics.running_requests.get(),
+    })
+    .into_response()
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -16,6 +17,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::{ModelError, Result};
+use crate::startup::Startup;
 
 /// Where a model comes from: a directory on disk, or a Hub repository at a revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,21 @@ const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 /// Resolves one repository file to a local path, or says why it cannot.
 type FetchFile = Box<dyn Fn(&str) -> std::result::Result<PathBuf, String>>;
 
+/// hf-hub's download callbacks, passed on to the start-up report.
+struct HubProgress(Arc<Startup>);
+
+impl hf_hub::api::Progress for HubProgress {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.0.download_started(filename, size as u64);
+    }
+    fn update(&mut self, size: usize) {
+        self.0.download_progress(size as u64);
+    }
+    fn finish(&mut self) {
+        self.0.download_finished();
+    }
+}
+
 #[derive(Deserialize)]
 struct WeightsIndex {
     weight_map: HashMap<String, String>,
@@ -103,9 +120,14 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
 
 impl ModelFiles {
     pub fn resolve(source: &ModelSource) -> Result<Self> {
+        Self::resolve_reporting(source, None)
+    }
+
+    /// As [`resolve`](Self::resolve), reporting each download's progress to `startup`.
+    pub fn resolve_reporting(source: &ModelSource, startup: Option<Arc<Startup>>) -> Result<Self> {
         match source {
             ModelSource::Local(dir) => Self::from_dir(dir),
-            ModelSource::Hub { repo_id, revision } => Self::from_hub(repo_id, revision),
+            ModelSource::Hub { repo_id, revision } => Self::from_hub(repo_id, revision, startup),
         }
     }
 
@@ -155,7 +177,7 @@ impl ModelFiles {
 
     /// Downloads (or finds in the HF cache) the files of a Hub repository. Honours `HF_HOME`,
     /// `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE=1` (cache only).
-    pub fn from_hub(repo_id: &str, revision: &str) -> Result<Self> {
+    pub fn from_hub(repo_id: &str, revision: &str, startup: Option<Arc<Startup>>) -> Result<Self> {
         use hf_hub::{Cache, Repo, RepoType};
         let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
         let offline = std::env::var("HF_HUB_OFFLINE")
@@ -185,9 +207,11 @@ impl ModelFiles {
                 if let Some(p) = cache_repo.get(name) {
                     return Ok(p);
                 }
-                api_repo
-                    .get(name)
-                    .map_err(|e| format!("could not fetch {name}: {e}"))
+                let fetched = match &startup {
+                    Some(s) => api_repo.download_with_progress(name, HubProgress(s.clone())),
+                    None => api_repo.download(name),
+                };
+                fetched.map_err(|e| format!("could not fetch {name}: {e}"))
             })
         };
         let err =
