@@ -403,39 +403,10 @@ fn invalid_generation_flags_are_one_line_errors() {
     );
 }
 
-/// Starts `serve` on the tiny model with extra args/env; returns the child and its address.
+/// Starts `serve` on the tiny model with extra args/env; returns the child and its address
+/// once it is ready.
 fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    let model = model_dir("opt-tiny");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-server"))
-        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-        .args(args)
-        .env("BLIP2_MODEL", model.to_str().unwrap())
-        .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "server exited before serving"
-        );
-        if let Some(rest) = line.split("address=").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .chars()
-                .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect::<String>();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let (child, addr) = spawn_listening(args, env);
     // The server listens while the model loads: wait until it is ready.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !http_raw(
@@ -470,7 +441,10 @@ fn spawn_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child,
     let mut line = String::new();
     let addr = loop {
         line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before serving"
+        );
         if let Some(rest) = line.split("address=").nth(1) {
             let token = rest.split_whitespace().next().unwrap();
             break token
@@ -479,6 +453,7 @@ fn spawn_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child,
                 .collect::<String>();
         }
     };
+    // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     (child, addr)
 }
