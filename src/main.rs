@@ -242,7 +242,7 @@ async fn serve_until_signal(config: ServerConfig) -> anyhow::Result<()> {
     let source = ModelSource::parse(&config.model, Some(&config.revision))?;
     let model_id = source.describe();
     tracing::info!(%address, model = %model_id, "listening; /ready answers 503 until the model is loaded");
-    let startup = Startup::new("resolving checkpoint");
+    let startup = Startup::new("resolving checkpoint", config.log_format == LogFormat::Text);
     let (stop_loading, loading_stopped) = tokio::sync::oneshot::channel::<()>();
     let loading = tokio::spawn(blip2_server::server::serve_loading(
         tokio::net::TcpListener::from_std(socket.try_clone()?)?,

@@ -1,7 +1,8 @@
 //! Start-up progress: the phase the process is in before it serves (finding or downloading the
 //! checkpoint, reading the weights) and each download's bytes, rate and ETA. The loader writes
 //! it; the HTTP layer reports it on `/info` while `/ready` answers 503 (so a failing startup
-//! probe can be read), and every phase and a progress line every few seconds go to the log.
+//! probe can be read), and every phase goes to the log. A download shows as a progress bar when
+//! stderr is a terminal and the logs are text, else as a log line every few seconds.
 //!
 //! A leaf: it uses nothing else in the crate.
 
@@ -17,6 +18,8 @@ const LOG_EVERY: Duration = Duration::from_secs(5);
 pub struct Startup {
     started: Instant,
     state: Mutex<State>,
+    /// Draw progress bars (stderr is a terminal showing text logs) instead of log lines.
+    bars: bool,
 }
 
 #[derive(Debug)]
@@ -36,6 +39,7 @@ struct Download {
     bytes: u64,
     started: Instant,
     logged: Instant,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -88,8 +92,9 @@ impl Download {
 }
 
 impl Startup {
-    /// Starts in phase `phase`.
-    pub fn new(phase: &str) -> Arc<Self> {
+    /// Starts in phase `phase`; `bars`: draw downloads as progress bars on stderr (only
+    /// where stderr is a terminal).
+    pub fn new(phase: &str, bars: bool) -> Arc<Self> {
         tracing::info!(phase, "start-up phase");
         let now = Instant::now();
         Arc::new(Self {
@@ -102,6 +107,7 @@ impl Startup {
                 files_downloaded: 0,
                 bytes_downloaded: 0,
             }),
+            bars: bars && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         })
     }
 
@@ -134,12 +140,23 @@ impl Startup {
     pub fn download_started(&self, file: &str, total_bytes: u64) {
         tracing::info!(file, total_bytes, "downloading");
         let now = Instant::now();
+        let bar = self.bars.then(|| {
+            let bar = indicatif::ProgressBar::new(total_bytes);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_message(file.to_string());
+            bar
+        });
         self.state().download = Some(Download {
             file: file.to_string(),
             total: total_bytes,
             bytes: 0,
             started: now,
             logged: now,
+            bar,
         });
     }
 
@@ -149,7 +166,9 @@ impl Startup {
             return;
         };
         d.bytes += bytes;
-        if d.logged.elapsed() >= LOG_EVERY {
+        if let Some(bar) = &d.bar {
+            bar.set_position(d.bytes);
+        } else if d.logged.elapsed() >= LOG_EVERY {
             d.logged = Instant::now();
             let i = d.info();
             tracing::info!(
@@ -167,6 +186,9 @@ impl Startup {
     pub fn download_finished(&self) {
         let mut s = self.state();
         if let Some(d) = s.download.take() {
+            if let Some(bar) = &d.bar {
+                bar.finish_and_clear();
+            }
             let seconds = d.started.elapsed().as_secs_f64();
             tracing::info!(file = %d.file, bytes = d.bytes, seconds, "downloaded");
             s.files_downloaded += 1;
@@ -193,7 +215,7 @@ mod tests {
 
     #[test]
     fn phases_are_recorded_in_order_and_downloads_counted() {
-        let s = Startup::new("resolving");
+        let s = Startup::new("resolving", false);
         s.download_started("model.safetensors", 100);
         s.download_progress(40);
         let during = s.info();
