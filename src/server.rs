@@ -172,6 +172,10 @@ pub async fn run(
         cors_allow_origins: options.cors_allow_origins.clone(),
         openapi_json: openapi_json().map_err(ServeError::OpenApi)?,
         startup: options.startup.clone(),
+        started_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let draining = state.clone();

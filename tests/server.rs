@@ -374,6 +374,8 @@ async fn every_endpoint_and_input_form_answers_as_the_pipeline() {
             "/openapi.json",
             "/ready",
             "/v1/caption",
+            "/v1/chat/completions",
+            "/v1/models",
             "/v1/vqa"
         ]
     );
@@ -1138,5 +1140,187 @@ async fn cors_answers_preflight_for_allowed_origins_only() {
         r.headers()["access-control-allow-origin"],
         "https://app.example"
     );
+    s.stop().await;
+}
+
+/// The OpenAI chat route answers what /v1/vqa (with text) or /v1/caption (without) answers,
+/// streamed or not; its errors are OpenAI's shape with the field at fault named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions_answer_as_vqa_and_caption_in_openai_shape() {
+    let s = Server::start(ServeOptions::default()).await;
+    let img = b64(&image("photo_320x240.jpg"));
+    let url = format!("data:image/jpeg;base64,{img}");
+    let question = "what is in the picture?";
+    let (status, vqa) = s
+        .json(
+            "/v1/vqa",
+            json!({"image": img, "question": question, "parameters": {"max_new_tokens": 6}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{vqa}");
+    let chat_body = |text: Option<&str>, extra: Value| {
+        let mut content = vec![json!({"type": "image_url", "image_url": {"url": url}})];
+        if let Some(t) = text {
+            content.push(json!({"type": "text", "text": t}));
+        }
+        let mut body = json!({"model": "blip2", "max_tokens": 6,
+            "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": content}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let (status, chat) = s
+        .json("/v1/chat/completions", chat_body(Some(question), json!({})))
+        .await;
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(
+        chat["choices"][0]["message"]["content"], vqa["answer"],
+        "{chat} vs {vqa}"
+    );
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        chat["usage"]["completion_tokens"],
+        vqa["usage"]["generated_tokens"]
+    );
+    let want_reason = if vqa["finish_reason"] == "length" {
+        "length"
+    } else {
+        "stop"
+    };
+    assert_eq!(chat["choices"][0]["finish_reason"], want_reason);
+
+    // Without text: the caption.
+    let (_, caption) = s
+        .json(
+            "/v1/caption",
+            json!({"image": img, "parameters": {"max_new_tokens": 6}}),
+        )
+        .await;
+    let (_, chat_caption) = s
+        .json("/v1/chat/completions", chat_body(None, json!({})))
+        .await;
+    assert_eq!(
+        chat_caption["choices"][0]["message"]["content"],
+        caption["text"]
+    );
+
+    // Streamed: the deltas concatenate to the same text; usage when asked; then [DONE].
+    let body = chat_body(
+        Some(question),
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let text = s
+        .post("/v1/chat/completions")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, vqa["answer"].as_str().unwrap(), "{text}");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]), "{usage}");
+    assert_eq!(
+        usage["usage"]["completion_tokens"],
+        vqa["usage"]["generated_tokens"]
+    );
+
+    // Logprobs: the chosen tokens' log-probabilities, as /v1/vqa's details give them.
+    let (_, with_lp) = s
+        .json(
+            "/v1/chat/completions",
+            chat_body(Some(question), json!({"logprobs": true})),
+        )
+        .await;
+    let (_, details) = s
+        .json(
+            "/v1/vqa",
+            json!({"image": img, "question": question,
+            "parameters": {"max_new_tokens": 6, "details": true}}),
+        )
+        .await;
+    let lp: Vec<&Value> = with_lp["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["logprob"])
+        .collect();
+    let want: Vec<&Value> = details["details"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["logprob"])
+        .collect();
+    assert_eq!(lp, want);
+
+    // n = 2 with a seed: two choices, the same twice.
+    let sampled = chat_body(
+        Some(question),
+        json!({"n": 2, "temperature": 1.0, "seed": 7}),
+    );
+    let (status, a) = s.json("/v1/chat/completions", sampled.clone()).await;
+    assert_eq!(status, 200, "{a}");
+    let (_, b) = s.json("/v1/chat/completions", sampled).await;
+    assert_eq!(a["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(a["choices"], b["choices"]);
+
+    // Errors: OpenAI's shape, 400, the param named.
+    let (status, e) = s
+        .json(
+            "/v1/chat/completions",
+            chat_body(Some(question), json!({"top_logprobs": 3})),
+        )
+        .await;
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "top_logprobs", "{e}");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    let bad = json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]});
+    let (status, e) = s.json("/v1/chat/completions", bad).await;
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["code"], "unsupported_image", "{e}");
+    assert_eq!(
+        e["error"]["param"], "messages[0].content[0].image_url.url",
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("image"),
+        "{e}"
+    );
+    let (status, e) = s
+        .json(
+            "/v1/chat/completions",
+            chat_body(Some(question), json!({"max_tokens": 100000})),
+        )
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("validation")),
+        "{e}"
+    );
+
+    let models: Value = s.get("/v1/models").await.json().await.unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["object"], "model");
     s.stop().await;
 }

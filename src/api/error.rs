@@ -13,11 +13,17 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error_type: &'static str,
     pub message: String,
+    /// The request field at fault, where one is (OpenAI's `param`; not in native bodies).
+    pub param: Option<String>,
 }
 
 /// Set on every error response: what `blip2_errors_total{error_type}` counts.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorType(pub &'static str);
+
+/// Set on error responses that name the request field at fault.
+#[derive(Debug, Clone)]
+pub struct ErrorParam(pub String);
 
 impl ApiError {
     pub fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
@@ -25,7 +31,13 @@ impl ApiError {
             status,
             error_type,
             message: message.into(),
+            param: None,
         }
+    }
+    /// Names the request field at fault.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
     }
     /// 422: well-formed but unacceptable.
     pub fn validation(message: impl Into<String>) -> Self {
@@ -85,6 +97,9 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response.extensions_mut().insert(ErrorType(self.error_type));
+        if let Some(param) = self.param {
+            response.extensions_mut().insert(ErrorParam(param));
+        }
         response
     }
 }

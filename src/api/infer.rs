@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant as Deadline;
 
@@ -18,8 +19,8 @@ use super::error::ApiError;
 use super::input::{self, Endpoint, Input, Parameters};
 use super::wire::{GenerationResult, Results, TextField, TokenEvent, TokenInfo};
 use super::{AppState, Limits};
-use crate::engine::{job_tokens, Job, JobEvent, SubmitError};
-use crate::generation::GenerationParams;
+use crate::engine::{job_tokens, Incoming, Job, JobEvent, SubmitError};
+use crate::generation::{GeneratedSequence, GenerationParams};
 use crate::preprocess::PreprocessError;
 use crate::prompt::Prompt;
 
@@ -35,7 +36,7 @@ pub async fn vqa(State(s): State<Arc<AppState>>, request: Request) -> Response {
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-fn wants_sse(headers: &HeaderMap) -> bool {
+pub(super) fn wants_sse(headers: &HeaderMap) -> bool {
     headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
@@ -43,14 +44,14 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 }
 
 /// One submitted image: its events, cancel flag and prompt length.
-struct Submitted {
+pub(super) struct Submitted {
     rx: mpsc::UnboundedReceiver<JobEvent>,
     cancel: Arc<AtomicBool>,
-    prompt_tokens: usize,
+    pub(super) prompt_tokens: usize,
 }
 
 /// Sets every cancel flag when dropped: the client went away (or timed out) before the end.
-struct CancelOnDrop(Vec<Arc<AtomicBool>>);
+pub(super) struct CancelOnDrop(Vec<Arc<AtomicBool>>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -60,13 +61,17 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn handle(
-    s: Arc<AppState>,
-    endpoint: Endpoint,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let started = Deadline::now();
-    let deadline = s.limits.request_timeout.map(|t| started + t);
+/// What a request holds from its admission to its answer: an in-flight slot, the deadline, and
+/// (until its jobs are queued) the worker's notice that it is on its way.
+pub(super) struct Admitted {
+    pub(super) permit: OwnedSemaphorePermit,
+    pub(super) deadline: Option<Deadline>,
+    pub(super) incoming: Incoming,
+}
+
+/// Takes an in-flight slot (429 when none is free) and checks the worker runs (503).
+pub(super) fn admit(s: &AppState) -> Result<Admitted, ApiError> {
+    let deadline = s.limits.request_timeout.map(|t| Deadline::now() + t);
     let permit = s.in_flight.clone().try_acquire_owned().map_err(|_| {
         ApiError::overloaded("too many requests in flight (max_concurrent_requests)")
     })?;
@@ -78,6 +83,28 @@ async fn handle(
     if !s.engine.is_running() {
         return Err(ApiError::unavailable("the model worker has stopped"));
     }
+    Ok(Admitted {
+        permit,
+        deadline,
+        incoming,
+    })
+}
+
+/// Sets the cancel flag of every job when dropped.
+pub(super) fn cancel_guard(submitted: &[Submitted]) -> CancelOnDrop {
+    CancelOnDrop(submitted.iter().map(|j| j.cancel.clone()).collect())
+}
+
+async fn handle(
+    s: Arc<AppState>,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let Admitted {
+        permit,
+        deadline,
+        incoming,
+    } = admit(&s)?;
     let stream_header = wants_sse(request.headers());
     let Input {
         images,
@@ -92,19 +119,27 @@ async fn handle(
     let pixels = preprocess_all(&s, images).await?;
     let submitted = submit(&s, pixels, &prompt, &params)?;
     drop(incoming);
-    let guard = CancelOnDrop(submitted.iter().map(|j| j.cancel.clone()).collect());
+    let guard = cancel_guard(&submitted);
     let field = match endpoint {
         Endpoint::Caption => TextField::Text,
         Endpoint::Vqa => TextField::Answer,
     };
     if stream {
         let one = submitted.into_iter().next().expect("one image");
-        return Ok(sse(s, one, guard, permit, deadline, field, details));
+        let format = NativeStream {
+            field,
+            details,
+            tokens: Vec::new(),
+        };
+        return Ok(sse(s, one, guard, permit, deadline, format));
     }
     let collected = async {
         let mut results = Vec::with_capacity(submitted.len());
         for job in submitted {
-            results.push(collect(job, field, details).await?);
+            let prompt_tokens = job.prompt_tokens;
+            let (seqs, tokens) = collect(job, details).await?;
+            let tokens = details.then_some(tokens);
+            results.push(GenerationResult::new(&seqs, prompt_tokens, field, tokens));
         }
         Ok::<_, ApiError>(results)
     };
@@ -126,7 +161,7 @@ async fn handle(
 
 /// Every check a request passes before its images are decoded: image count, settings and the
 /// server's limits, the prompt (VQA template applied) and its token budget.
-fn checked_request(
+pub(super) fn checked_request(
     s: &AppState,
     endpoint: Endpoint,
     n_images: usize,
@@ -221,7 +256,7 @@ fn check_budgets(
 
 /// Decodes and preprocesses each image on the blocking pool, at most `preprocess_workers` at
 /// once across the server.
-async fn preprocess_all(
+pub(super) async fn preprocess_all(
     s: &Arc<AppState>,
     images: Vec<Vec<u8>>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
@@ -259,7 +294,7 @@ fn image_error(index: usize, e: PreprocessError) -> ApiError {
 }
 
 /// Submits one job per image; all or none (a full queue cancels those already queued).
-fn submit(
+pub(super) fn submit(
     s: &Arc<AppState>,
     pixels: Vec<Vec<f32>>,
     prompt: &Prompt,
@@ -287,11 +322,11 @@ fn submit(
     Ok(submitted)
 }
 
-async fn collect(
+/// Waits for one job's result: its sequences, and its tokens when `details` (one sequence).
+pub(super) async fn collect(
     mut job: Submitted,
-    field: TextField,
     details: bool,
-) -> Result<GenerationResult, ApiError> {
+) -> Result<(Vec<GeneratedSequence>, Vec<TokenInfo>), ApiError> {
     let mut tokens = Vec::new();
     while let Some(event) = job.rx.recv().await {
         match event {
@@ -300,14 +335,7 @@ async fn collect(
                     tokens.push(TokenInfo { id, text, logprob });
                 }
             }
-            JobEvent::Done(seqs) if !seqs.is_empty() => {
-                return Ok(GenerationResult::new(
-                    &seqs,
-                    job.prompt_tokens,
-                    field,
-                    details.then_some(tokens),
-                ));
-            }
+            JobEvent::Done(seqs) if !seqs.is_empty() => return Ok((seqs, tokens)),
             JobEvent::Done(_) => break,
             JobEvent::Error(e) => return Err(e.into()),
         }
@@ -315,24 +343,60 @@ async fn collect(
     Err(ApiError::internal("the model worker dropped the request"))
 }
 
+/// How a stream's events are written: the native `{token}` events and result, or another wire
+/// format's chunks. Each call returns the events to send, in order.
+pub(super) trait StreamFormat: Send + 'static {
+    fn token(&mut self, token: TokenInfo) -> Vec<Event>;
+    /// The last events of a finished stream (`seqs` is never empty).
+    fn done(&mut self, seqs: &[GeneratedSequence], prompt_tokens: usize) -> Vec<Event>;
+    fn error(&mut self, e: &ApiError) -> Vec<Event>;
+}
+
+/// `data: {"token": {...}}` per token, then the result as `/v1/caption` or `/v1/vqa` answers it;
+/// failures as an `error` event with the `{error, error_type}` body.
+struct NativeStream {
+    field: TextField,
+    details: bool,
+    tokens: Vec<TokenInfo>,
+}
+
+impl StreamFormat for NativeStream {
+    fn token(&mut self, token: TokenInfo) -> Vec<Event> {
+        let event = Event::default().data(json_text(&TokenEvent { token: &token }));
+        if self.details {
+            self.tokens.push(token);
+        }
+        vec![event]
+    }
+    fn done(&mut self, seqs: &[GeneratedSequence], prompt_tokens: usize) -> Vec<Event> {
+        let tokens = self.details.then(|| std::mem::take(&mut self.tokens));
+        let body = GenerationResult::new(seqs, prompt_tokens, self.field, tokens);
+        vec![Event::default().data(json_text(&body))]
+    }
+    fn error(&mut self, e: &ApiError) -> Vec<Event> {
+        vec![Event::default().event("error").data(json_text(&e.body()))]
+    }
+}
+
 /// What the stream still holds: its events, and what must live as long as it.
-struct StreamState {
+struct StreamState<F> {
     s: Arc<AppState>,
     job: Submitted,
     _guard: CancelOnDrop,
     _permit: OwnedSemaphorePermit,
     deadline: Option<Deadline>,
-    tokens: Vec<TokenInfo>,
+    format: F,
 }
 
-fn sse(
+/// Streams one job's events as Server-Sent Events in `format`, until its result, an error or
+/// the deadline; the client hanging up cancels the job (the guard drops).
+pub(super) fn sse<F: StreamFormat>(
     s: Arc<AppState>,
     job: Submitted,
     guard: CancelOnDrop,
     permit: OwnedSemaphorePermit,
     deadline: Option<Deadline>,
-    field: TextField,
-    details: bool,
+    format: F,
 ) -> Response {
     let state = StreamState {
         s,
@@ -340,9 +404,9 @@ fn sse(
         _guard: guard,
         _permit: permit,
         deadline,
-        tokens: Vec::new(),
+        format,
     };
-    let stream = futures_util::stream::unfold(Some(state), move |state| async move {
+    let stream = futures_util::stream::unfold(Some(state), |state| async move {
         let mut st = state?;
         let next = match st.deadline {
             Some(d) => tokio::time::timeout_at(d, st.job.rx.recv())
@@ -350,34 +414,30 @@ fn sse(
                 .map_err(|_| ()),
             None => Ok(st.job.rx.recv().await),
         };
-        let error = |st: &StreamState, e: ApiError| {
+        let failed = |st: &mut StreamState<F>, e: ApiError| {
             st.s.metrics.errors.with_label_values(&[e.error_type]).inc();
-            Event::default().event("error").data(json_text(&e.body()))
+            st.format.error(&e)
         };
         let last = match next {
             Ok(Some(JobEvent::Token { id, text, logprob })) => {
-                let token = TokenInfo { id, text, logprob };
-                let event = Event::default().data(json_text(&TokenEvent { token: &token }));
-                if details {
-                    st.tokens.push(token);
-                }
-                return Some((Ok::<_, Infallible>(event), Some(st)));
+                let events = st.format.token(TokenInfo { id, text, logprob });
+                return Some((events, Some(st)));
             }
             Ok(Some(JobEvent::Done(seqs))) if !seqs.is_empty() => {
-                let tokens = details.then(|| std::mem::take(&mut st.tokens));
-                let body = GenerationResult::new(&seqs, st.job.prompt_tokens, field, tokens);
-                Event::default().data(json_text(&body))
+                let prompt_tokens = st.job.prompt_tokens;
+                st.format.done(&seqs, prompt_tokens)
             }
-            Ok(Some(JobEvent::Error(e))) => error(&st, e.into()),
-            Ok(_) => error(
-                &st,
+            Ok(Some(JobEvent::Error(e))) => failed(&mut st, e.into()),
+            Ok(_) => failed(
+                &mut st,
                 ApiError::internal("the model worker dropped the request"),
             ),
-            Err(()) => error(&st, ApiError::timeout()),
+            Err(()) => failed(&mut st, ApiError::timeout()),
         };
-        // The last event: dropping the state cancels the job if it still runs.
-        Some((Ok(last), None))
-    });
+        // The last events: dropping the state cancels the job if it still runs.
+        Some((last, None))
+    })
+    .flat_map(|events| futures_util::stream::iter(events.into_iter().map(Ok::<_, Infallible>)));
     let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
         .into_response();
@@ -390,7 +450,7 @@ fn sse(
 /// A wire type as one line of JSON (an SSE `data:` field). These types have string keys and
 /// finite-or-null numbers only, so serialisation cannot fail; the fallback keeps a stream alive
 /// if that ever stops being true.
-fn json_text<T: serde::Serialize>(value: &T) -> String {
+pub(super) fn json_text<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|e| {
         tracing::error!(error = %e, "a response body did not serialise");
         r#"{"error":"response serialisation failed","error_type":"internal"}"#.to_string()

@@ -104,7 +104,7 @@ fn json_error(e: serde_json::Error) -> ApiError {
 }
 
 /// `image`: base64, or a `data:<mime>;base64,` URL.
-fn decode_base64_image(image: &str, index: usize) -> Result<Vec<u8>, ApiError> {
+pub(super) fn decode_base64_image(image: &str, index: usize) -> Result<Vec<u8>, ApiError> {
     let payload = match image.strip_prefix("data:") {
         Some(rest) => rest.split_once(";base64,").map(|(_, b)| b).ok_or_else(|| {
             ApiError::validation(format!(
@@ -217,7 +217,7 @@ pub async fn read(
     from_value(endpoint, value)
 }
 
-fn too_large() -> ApiError {
+pub(super) fn too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",

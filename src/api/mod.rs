@@ -6,6 +6,7 @@ mod error;
 mod infer;
 mod input;
 mod loading;
+mod openai;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 
-pub use error::{ApiError, ErrorType};
+pub use error::{ApiError, ErrorParam, ErrorType};
 pub use loading::loading_app;
 
 use crate::engine::EngineHandle;
@@ -74,6 +75,8 @@ pub struct AppState {
     pub openapi_json: String,
     /// How start-up went (phases and their times), when the caller reported it.
     pub startup: Option<Arc<Startup>>,
+    /// When the server started serving (Unix seconds): `/v1/models`' `created`.
+    pub started_unix_s: u64,
 }
 
 impl AppState {
@@ -94,6 +97,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/caption", post(infer::caption))
         .route("/v1/vqa", post(infer::vqa))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    // OpenAI's routes answer errors in OpenAI's shape, the API key's included.
+    let openai = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route_layer(middleware::from_fn(openai::openai_errors));
     let mut router = Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
@@ -102,6 +111,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/docs", get(|| async { Html(DOCS_HTML) }))
         .merge(inference)
+        .merge(openai)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
