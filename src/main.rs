@@ -31,12 +31,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the model over HTTP: POST /v1/caption, /v1/vqa (JSON or multipart, optional SSE
-    /// streaming), GET /health, /ready, /info, /metrics, /openapi.json, /docs.
+    /// streaming), OpenAI's POST /v1/chat/completions and GET /v1/models, GET /health, /ready,
+    /// /info, /metrics, /openapi.json, /docs.
     ///
     /// Settings come in layers: config/default.toml (compiled in) < --config FILE < BLIP2_<KEY>
     /// environment variables < flags. Every flag is a key of config/default.toml (dashes become
-    /// underscores) and the file documents each one. SIGTERM/SIGINT stop accepting, turn /ready
-    /// to 503, give in-flight requests shutdown_grace_s to finish, then exit 0.
+    /// underscores) and the file documents each one. SIGTERM/SIGINT turn /ready to 503 while
+    /// still serving for shutdown_delay_s, then stop accepting, give in-flight requests
+    /// shutdown_grace_s to finish, and exit 0.
     Serve(ServeArgs),
     /// Caption images or answer a prompt about them (greedy decoding), as one batch.
     Generate(GenerateArgs),

@@ -1,6 +1,7 @@
 //! HTTP: `POST /v1/caption`, `POST /v1/vqa` (JSON or multipart; `stream` for Server-Sent
-//! Events), `GET /health`, `/ready`, `/info`, `/metrics`, `/openapi.json`, `/docs`. Every answer
-//! carries an `x-request-id`; errors are `{error, error_type}` with the matching status.
+//! Events), OpenAI's `POST /v1/chat/completions` and `GET /v1/models`, `GET /health`, `/ready`,
+//! `/info`, `/metrics`, `/openapi.json`, `/docs`. Every answer carries an `x-request-id`; errors
+//! are `{error, error_type}` with the matching status (OpenAI's shape on OpenAI's routes).
 
 mod error;
 mod infer;
