@@ -1324,3 +1324,56 @@ async fn chat_completions_answer_as_vqa_and_caption_in_openai_shape() {
     assert_eq!(models["data"][0]["object"], "model");
     s.stop().await;
 }
+
+/// `questions` about one image: one answer per question, in order, each what the question alone
+/// gets; the vision encoder runs once (one cache miss, the other lookups hits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_questions_about_one_image_run_the_vision_encoder_once() {
+    let s = Server::start(ServeOptions::default()).await;
+    let img = b64(&image("tall_300x1000.png"));
+    let questions = ["what is it?", "what colour is it?", "is it tall?"];
+    let params = json!({"max_new_tokens": 5});
+    let misses = "blip2_image_cache_lookups_total{result=\"miss\"}";
+    let hits = "blip2_image_cache_lookups_total{result=\"hit\"}";
+    let (miss0, hit0) = (s.metric(misses).await, s.metric(hits).await);
+    let (status, many) = s
+        .json(
+            "/v1/vqa",
+            json!({"image": img, "questions": questions, "parameters": params}),
+        )
+        .await;
+    assert_eq!(status, 200, "{many}");
+    assert_eq!(s.metric(misses).await - miss0, 1.0, "one vision pass");
+    assert_eq!(s.metric(hits).await - hit0, 2.0);
+    let results = many["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for (q, r) in questions.iter().zip(results) {
+        let (_, one) = s
+            .json(
+                "/v1/vqa",
+                json!({"image": img, "question": q, "parameters": params}),
+            )
+            .await;
+        assert_eq!(r, &one, "{q}");
+    }
+    for (body, needle) in [
+        (json!({"image": img, "questions": []}), "empty"),
+        (
+            json!({"image": img, "question": "a", "questions": ["b"]}),
+            "not both",
+        ),
+        (
+            json!({"images": [img, img], "questions": ["a"]}),
+            "one image",
+        ),
+        (
+            json!({"image": img, "questions": ["a"], "stream": true}),
+            "one question",
+        ),
+    ] {
+        let (status, e) = s.json("/v1/vqa", body).await;
+        assert_eq!(status, 422, "{e}");
+        assert!(e["error"].as_str().unwrap().contains(needle), "{e}");
+    }
+    s.stop().await;
+}

@@ -87,6 +87,19 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
         let headers = response.headers_mut();
+        // These answers come before the request body is read (the key, the in-flight limit, a
+        // declared length over the limit, a server not ready), and a connection whose body was
+        // not read is not reused: say so, so that a client does not send its next request on a
+        // connection the server is closing.
+        if matches!(
+            self.status,
+            StatusCode::UNAUTHORIZED
+                | StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            headers.insert("connection", HeaderValue::from_static("close"));
+        }
         match self.status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert("retry-after", HeaderValue::from_static("1"));

@@ -109,15 +109,28 @@ async fn handle(
     let Input {
         images,
         text,
+        questions,
         parameters,
         stream,
         many,
     } = input::read(endpoint, request, s.limits.max_body_bytes).await?;
     let stream = stream || stream_header;
     let details = parameters.details;
-    let (prompt, params) = checked_request(&s, endpoint, images.len(), text, parameters, stream)?;
-    let pixels = preprocess_all(&s, images).await?;
-    let submitted = submit(&s, pixels, &prompt, &params)?;
+    let (prompts, params) = if questions.is_empty() {
+        let (prompt, params) =
+            checked_request(&s, endpoint, images.len(), text, parameters, stream)?;
+        (vec![prompt; images.len()], params)
+    } else {
+        checked_questions(&s, questions, parameters, stream)?
+    };
+    let mut pixels = preprocess_all(&s, images).await?;
+    // Several questions about one image: one job each, the same pixels (the vision encoder
+    // runs once: identical images admitted together share it, later ones hit the cache).
+    if prompts.len() > pixels.len() {
+        let one = pixels.pop().ok_or_else(|| ApiError::internal("no image"))?;
+        pixels = vec![one; prompts.len()];
+    }
+    let submitted = submit(&s, pixels.into_iter().zip(prompts).collect(), &params)?;
     drop(incoming);
     let guard = cancel_guard(&submitted);
     let field = match endpoint {
@@ -218,6 +231,37 @@ pub(super) fn checked_request(
     Ok((prompt, params))
 }
 
+/// `questions`: each one checked as a single-image VQA request; at most
+/// `max_images_per_request` of them (each is a job), not streamed.
+fn checked_questions(
+    s: &AppState,
+    questions: Vec<String>,
+    parameters: Parameters,
+    stream: bool,
+) -> Result<(Vec<Prompt>, GenerationParams), ApiError> {
+    if stream {
+        return Err(ApiError::validation(
+            "streaming takes one question: send one request per question",
+        ));
+    }
+    if questions.len() > s.limits.max_images_per_request {
+        return Err(ApiError::validation(format!(
+            "{} questions in one request; at most {} (max_images_per_request)",
+            questions.len(),
+            s.limits.max_images_per_request
+        )));
+    }
+    let mut prompts = Vec::with_capacity(questions.len());
+    let mut params = None;
+    for q in questions {
+        let (prompt, p) = checked_request(s, Endpoint::Vqa, 1, Some(q), parameters.clone(), false)?;
+        prompts.push(prompt);
+        params = Some(p);
+    }
+    let params = params.ok_or_else(|| ApiError::validation("`questions` is empty"))?;
+    Ok((prompts, params))
+}
+
 /// The prompt and its generation fit the server's token limits and the model's positions.
 fn check_budgets(
     limits: &Limits,
@@ -293,16 +337,17 @@ fn image_error(index: usize, e: PreprocessError) -> ApiError {
     ApiError::new(status, kind, format!("image {index}: {e}"))
 }
 
-/// Submits one job per image; all or none (a full queue cancels those already queued).
+/// Submits one job per (image, prompt); all or none (a full queue cancels those already
+/// queued).
 pub(super) fn submit(
     s: &Arc<AppState>,
-    pixels: Vec<Vec<f32>>,
-    prompt: &Prompt,
+    jobs: Vec<(Vec<f32>, Prompt)>,
     params: &crate::generation::GenerationParams,
 ) -> Result<Vec<Submitted>, ApiError> {
-    let mut submitted: Vec<Submitted> = Vec::with_capacity(pixels.len());
-    for pixel_values in pixels {
-        let (job, rx) = Job::new(pixel_values, prompt.clone(), params.clone());
+    let mut submitted: Vec<Submitted> = Vec::with_capacity(jobs.len());
+    for (pixel_values, prompt) in jobs {
+        let prompt_tokens = prompt.text_ids.len();
+        let (job, rx) = Job::new(pixel_values, prompt, params.clone());
         let cancel = job.cancel.clone();
         if let Err(e) = s.engine.try_submit(job) {
             for done in &submitted {
@@ -316,7 +361,7 @@ pub(super) fn submit(
         submitted.push(Submitted {
             rx,
             cancel,
-            prompt_tokens: prompt.text_ids.len(),
+            prompt_tokens,
         });
     }
     Ok(submitted)

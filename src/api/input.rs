@@ -15,6 +15,8 @@ pub struct Input {
     pub images: Vec<Vec<u8>>,
     /// `prompt` (caption) or `question` (VQA).
     pub text: Option<String>,
+    /// VQA's `questions`: several questions about one image (then `text` is `None`).
+    pub questions: Vec<String>,
     pub parameters: Parameters,
     pub stream: bool,
     /// `images: [...]` was used (the answer is a `results` list, even for one image).
@@ -23,7 +25,7 @@ pub struct Input {
 
 /// `parameters`: the decoding settings, plus `details` (HTTP only: each generated token's
 /// `{id, text, logprob}` in the answer). Unknown names are refused by the settings' own type.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Parameters {
     pub generation: GenerationOverrides,
     pub details: bool,
@@ -73,7 +75,10 @@ struct VqaBody {
     image: Option<String>,
     #[serde(default)]
     images: Option<Vec<String>>,
-    question: String,
+    #[serde(default)]
+    question: Option<String>,
+    #[serde(default)]
+    questions: Option<Vec<String>>,
     #[serde(default)]
     parameters: Option<Parameters>,
     #[serde(default)]
@@ -148,6 +153,7 @@ fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, Api
             Input {
                 images,
                 text: b.prompt,
+                questions: Vec::new(),
                 parameters: b.parameters.unwrap_or_default(),
                 stream: b.stream.unwrap_or(false),
                 many,
@@ -156,12 +162,31 @@ fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, Api
         Endpoint::Vqa => {
             let b: VqaBody = serde_json::from_value(value).map_err(json_error)?;
             let (images, many) = images_of(b.image, b.images)?;
+            let (text, questions) = match (b.question, b.questions) {
+                (Some(q), None) => (Some(q), Vec::new()),
+                (None, Some(qs)) if qs.is_empty() => {
+                    return Err(ApiError::validation("`questions` is empty"))
+                }
+                (None, Some(_)) if many => {
+                    return Err(ApiError::validation(
+                        "`questions` are about one image: give `image`, not `images`",
+                    ))
+                }
+                (None, Some(qs)) => (None, qs),
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::validation(
+                        "give `question` or `questions`, not both",
+                    ))
+                }
+                (None, None) => return Err(ApiError::validation("missing field `question`")),
+            };
             Input {
+                many: many || !questions.is_empty(),
                 images,
-                text: Some(b.question),
+                text,
+                questions,
                 parameters: b.parameters.unwrap_or_default(),
                 stream: b.stream.unwrap_or(false),
-                many,
             }
         }
     };

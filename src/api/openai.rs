@@ -539,7 +539,8 @@ async fn chat(s: Arc<AppState>, request: Request) -> Result<Response, ApiError> 
     let pixels = infer::preprocess_all(&s, vec![input.image])
         .await
         .map_err(|e| e.with_param(&input.image_param))?;
-    let submitted = infer::submit(&s, pixels, &prompt, &params)?;
+    let jobs = pixels.into_iter().map(|p| (p, prompt.clone())).collect();
+    let submitted = infer::submit(&s, jobs, &params)?;
     drop(incoming);
     let guard = infer::cancel_guard(&submitted);
     let job = submitted
