@@ -98,6 +98,10 @@ pub struct ServerConfig {
     pub vqa_template_t5: String,
     pub api_key: String,
     pub cors_allow_origins: Vec<String>,
+    pub image_url_allowed_hosts: Vec<String>,
+    pub image_url_allow_private: bool,
+    pub image_url_max_redirects: u32,
+    pub image_url_timeout_s: u64,
     pub log_format: LogFormat,
     pub shutdown_delay_s: u64,
     pub shutdown_grace_s: u64,
@@ -209,6 +213,24 @@ pub struct ServeArgs {
     #[arg(long, env = "BLIP2_CORS_ALLOW_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors_allow_origins: Option<Vec<String>>,
+    /// Hosts image URLs may be fetched from: names, *.suffix, or *; comma-separated; empty =
+    /// URLs refused [default: empty].
+    #[arg(long, env = "BLIP2_IMAGE_URL_ALLOWED_HOSTS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_url_allowed_hosts: Option<Vec<String>>,
+    /// Fetch image URLs from loopback, private, link-local and other non-public addresses
+    /// [default: false].
+    #[arg(long, env = "BLIP2_IMAGE_URL_ALLOW_PRIVATE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_url_allow_private: Option<bool>,
+    /// Redirects an image URL may take, each hop checked again [default: 0].
+    #[arg(long, env = "BLIP2_IMAGE_URL_MAX_REDIRECTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_url_max_redirects: Option<u32>,
+    /// Seconds a whole image-URL fetch may take [default: 10].
+    #[arg(long, env = "BLIP2_IMAGE_URL_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_url_timeout_s: Option<u64>,
     /// Log format on stderr (RUST_LOG filters) [default: text].
     #[arg(long, value_enum, env = "BLIP2_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -322,6 +344,16 @@ impl ServerConfig {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.image_url_timeout_s == 0 {
+            return Err(invalid("image_url_timeout_s", "must be at least 1"));
+        }
+        if self
+            .image_url_allowed_hosts
+            .iter()
+            .any(|h| h.trim().is_empty())
+        {
+            return Err(invalid("image_url_allowed_hosts", "empty host name"));
         }
         if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
             return Err(invalid(
@@ -443,6 +475,10 @@ mod tests {
             vqa_template_t5: Some(String::new()),
             api_key: Some(String::new()),
             cors_allow_origins: Some(Vec::new()),
+            image_url_allowed_hosts: Some(Vec::new()),
+            image_url_allow_private: Some(false),
+            image_url_max_redirects: Some(0),
+            image_url_timeout_s: Some(0),
             log_format: Some(LogFormat::Text),
             shutdown_delay_s: Some(0),
             shutdown_grace_s: Some(0),

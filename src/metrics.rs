@@ -35,6 +35,8 @@ pub struct Metrics {
     pub running_requests: IntGauge,
     /// Requests stopped because the client went away or the timeout passed.
     pub cancelled: IntCounter,
+    /// Image URL fetches, by result (ok, error).
+    pub image_fetch_duration: HistogramVec,
     /// Image feature cache lookups, by result (hit, miss).
     pub image_cache: IntCounterVec,
 }
@@ -140,6 +142,14 @@ impl Metrics {
             cancelled: r.add(IntCounter::new(
                 "blip2_cancelled_requests_total",
                 "Requests stopped because the client went away or timed out",
+            ))?,
+            image_fetch_duration: r.add(HistogramVec::new(
+                HistogramOpts::new(
+                    "blip2_image_fetch_duration_seconds",
+                    "Time to fetch an image URL, by result (ok, error)",
+                )
+                .buckets(exponential_buckets(0.001, 2.0, 15)?),
+                &["result"],
             ))?,
             image_cache: r.counters(
                 "blip2_image_cache_lookups_total",

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::api::fetch::UrlPolicy;
 use crate::api::wire::StaticInfo;
 use crate::api::{app, openapi_json, AppState, Limits};
 use crate::config::ServerConfig;
@@ -38,6 +39,8 @@ pub struct ServeOptions {
     pub vqa_templates: std::collections::BTreeMap<String, String>,
     pub api_key: Option<String>,
     pub cors_allow_origins: Vec<String>,
+    /// Which image URLs may be fetched (`image_url_*`).
+    pub url_policy: UrlPolicy,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
     /// Reported by `/info`.
@@ -64,6 +67,13 @@ impl ServeOptions {
             vqa_templates: c.vqa_templates(),
             api_key: (!c.api_key.is_empty()).then(|| c.api_key.clone()),
             cors_allow_origins: c.cors_allow_origins.clone(),
+            url_policy: UrlPolicy {
+                allowed_hosts: c.image_url_allowed_hosts.clone(),
+                allow_private: c.image_url_allow_private,
+                max_redirects: c.image_url_max_redirects,
+                timeout: Duration::from_secs(c.image_url_timeout_s),
+                max_bytes: c.max_image_bytes,
+            },
             shutdown_delay: Duration::from_secs(c.shutdown_delay_s),
             shutdown_grace: Duration::from_secs(c.shutdown_grace_s),
             model_id: c.model.clone(),
@@ -170,6 +180,8 @@ pub async fn run(
         limits,
         api_key: options.api_key.clone(),
         cors_allow_origins: options.cors_allow_origins.clone(),
+        url_policy: options.url_policy.clone(),
+        resolve: crate::api::fetch::system_resolver(),
         openapi_json: openapi_json().map_err(ServeError::OpenApi)?,
         startup: options.startup.clone(),
         started_unix_s: std::time::SystemTime::now()

@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -46,7 +47,9 @@ impl Server {
         Self::start_model("opt-tiny", options).await
     }
 
-    async fn start_model(model: &str, options: ServeOptions) -> Self {
+    async fn start_model(model: &str, mut options: ServeOptions) -> Self {
+        // Stopping a test server need not keep serving for the balancers' shutdown_delay_s.
+        options.shutdown_delay = Duration::ZERO;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -1375,5 +1378,179 @@ async fn several_questions_about_one_image_run_the_vision_encoder_once() {
         assert_eq!(status, 422, "{e}");
         assert!(e["error"].as_str().unwrap().contains(needle), "{e}");
     }
+    s.stop().await;
+}
+
+/// A loopback HTTP server for image-URL tests: counts connections; `/img.png` is a PNG,
+/// `/big` a body of 3 MiB, `/away` a redirect to another host, `/here` one to `/img.png`.
+fn image_host(png: Vec<u8>) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connections.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) <= 2 {
+                    break;
+                }
+            }
+            let (head, body): (String, Vec<u8>) = match path.as_str() {
+                "/img.png" => (format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\n", png.len()), png.clone()),
+                "/big" => ("HTTP/1.1 200 OK\r\nContent-Length: 3145728\r\n".into(), vec![0u8; 3 << 20]),
+                "/away" => ("HTTP/1.1 302 Found\r\nLocation: http://evil.example/a.png\r\nContent-Length: 0\r\n".into(), Vec::new()),
+                "/here" => ("HTTP/1.1 302 Found\r\nLocation: /img.png\r\nContent-Length: 0\r\n".into(), Vec::new()),
+                _ => ("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n".into(), Vec::new()),
+            };
+            let _ = conn.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    (addr, connections)
+}
+
+/// Image URLs: refused by default; with an allow list, loopback in any spelling, private
+/// addresses, user info and backslash tricks are refused without a connection; an allowed
+/// loopback host (with image_url_allow_private) is fetched, redirects are checked per hop, and
+/// a body over max_image_bytes is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_urls_are_fetched_only_as_the_policy_allows() {
+    use blip2_server::api::fetch::UrlPolicy;
+    let png = image("rgb_640x480.png");
+    let (addr, connections) = image_host(png.clone());
+    let port = addr.port();
+    let connected = || connections.load(std::sync::atomic::Ordering::SeqCst);
+    let caption = |image: String| json!({"image": image, "parameters": {"max_new_tokens": 4}});
+
+    // Off by default.
+    let s = Server::start(ServeOptions::default()).await;
+    let (status, e) = s
+        .json("/v1/caption", caption(format!("http://{addr}/img.png")))
+        .await;
+    assert_eq!(
+        (status, e["error_type"].as_str()),
+        (400, Some("invalid_image_url")),
+        "{e}"
+    );
+    s.stop().await;
+
+    let strict = UrlPolicy {
+        allowed_hosts: vec!["*".into()],
+        allow_private: false,
+        max_redirects: 0,
+        timeout: Duration::from_secs(5),
+        max_bytes: 2 << 20,
+    };
+    let s = Server::start(ServeOptions {
+        url_policy: strict.clone(),
+        ..Default::default()
+    })
+    .await;
+    for url in [
+        format!("http://127.0.0.1:{port}/img.png"),
+        format!("http://2130706433:{port}/img.png"),
+        format!("http://0177.0.0.1:{port}/img.png"),
+        format!("http://0x7f000001:{port}/img.png"),
+        format!("http://[::1]:{port}/img.png"),
+        format!("http://[::ffff:127.0.0.1]:{port}/img.png"),
+        format!("http://0.0.0.0:{port}/img.png"),
+        format!("http://localhost.:{port}/img.png"),
+        format!("http://localhost:{port}/img.png"),
+        format!("http://user@127.0.0.1:{port}/img.png"),
+        format!("http://example.com@127.0.0.1:{port}/img.png"),
+        format!("http://127.0.0.1:{port}\\@example.com/img.png"),
+        format!("http://169.254.169.254:{port}/latest/meta-data"),
+    ] {
+        let (status, e) = s.json("/v1/caption", caption(url.clone())).await;
+        assert_eq!(
+            (status, e["error_type"].as_str()),
+            (400, Some("invalid_image_url")),
+            "{url}: {e}"
+        );
+    }
+    // The chat route takes the same path.
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": format!("http://127.0.0.1:{port}/img.png")}}]}]});
+    let (status, e) = s.json("/v1/chat/completions", chat).await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("invalid_image_url")),
+        "{e}"
+    );
+    assert_eq!(connected(), 0, "a refused URL was connected to");
+    s.stop().await;
+
+    // Loopback allowed by name and by the private switch: fetched, and the same caption as the
+    // bytes themselves.
+    let open = UrlPolicy {
+        allowed_hosts: vec!["127.0.0.1".into()],
+        allow_private: true,
+        ..strict
+    };
+    let s = Server::start(ServeOptions {
+        url_policy: open.clone(),
+        ..Default::default()
+    })
+    .await;
+    let (status, by_url) = s
+        .json("/v1/caption", caption(format!("http://{addr}/img.png")))
+        .await;
+    assert_eq!(status, 200, "{by_url}");
+    let (_, by_bytes) = s.json("/v1/caption", caption(b64(&png))).await;
+    assert_eq!(by_url["text"], by_bytes["text"]);
+    assert!(
+        s.metric("blip2_image_fetch_duration_seconds_count{result=\"ok\"}")
+            .await
+            >= 1.0
+    );
+    let (status, e) = s
+        .json("/v1/caption", caption(format!("http://{addr}/big")))
+        .await;
+    assert_eq!(
+        (status, e["error_type"].as_str()),
+        (413, Some("image_too_large")),
+        "{e}"
+    );
+    let (status, e) = s
+        .json("/v1/caption", caption(format!("http://{addr}/here")))
+        .await;
+    assert_eq!(status, 400, "no redirects by default: {e}");
+    s.stop().await;
+
+    let s = Server::start(ServeOptions {
+        url_policy: UrlPolicy {
+            max_redirects: 1,
+            ..open
+        },
+        ..Default::default()
+    })
+    .await;
+    let (status, e) = s
+        .json("/v1/caption", caption(format!("http://{addr}/here")))
+        .await;
+    assert_eq!(status, 200, "a redirect within the allowed host: {e}");
+    let before = connected();
+    let (status, e) = s
+        .json("/v1/caption", caption(format!("http://{addr}/away")))
+        .await;
+    assert_eq!(
+        (status, e["error_type"].as_str()),
+        (400, Some("invalid_image_url")),
+        "{e}"
+    );
+    assert!(e["error"].as_str().unwrap().contains("evil.example"), "{e}");
+    assert_eq!(
+        connected(),
+        before + 1,
+        "only the first hop was connected to"
+    );
     s.stop().await;
 }

@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant as Deadline;
 
 use super::error::ApiError;
-use super::input::{self, Endpoint, Input, Parameters};
+use super::fetch;
+use super::input::{self, Endpoint, ImageSource, Input, Parameters};
 use super::wire::{GenerationResult, Results, TextField, TokenEvent, TokenInfo};
 use super::{AppState, Limits};
 use crate::engine::{job_tokens, Incoming, Job, JobEvent, SubmitError};
@@ -123,6 +124,7 @@ async fn handle(
     } else {
         checked_questions(&s, questions, parameters, stream)?
     };
+    let images = load_images(&s, images).await?;
     let mut pixels = preprocess_all(&s, images).await?;
     // Several questions about one image: one job each, the same pixels (the vision encoder
     // runs once: identical images admitted together share it, later ones hit the cache).
@@ -296,6 +298,44 @@ fn check_budgets(
         )));
     }
     Ok(())
+}
+
+/// The images' bytes: URLs fetched (at most `preprocess_workers` at once, off the runtime)
+/// under the server's policy, each within `image_url_timeout_s`.
+pub(super) async fn load_images(
+    s: &Arc<AppState>,
+    sources: Vec<ImageSource>,
+) -> Result<Vec<Vec<u8>>, ApiError> {
+    let tasks = sources.into_iter().enumerate().map(|(index, source)| {
+        let s = s.clone();
+        async move {
+            let url = match source {
+                ImageSource::Bytes(b) => return Ok(b),
+                ImageSource::Url(url) => url,
+            };
+            let _permit = s
+                .decode_permits
+                .acquire()
+                .await
+                .map_err(|_| ApiError::unavailable("shutting down"))?;
+            let (policy, resolve) = (s.url_policy.clone(), s.resolve.clone());
+            let started = Instant::now();
+            let fetched =
+                tokio::task::spawn_blocking(move || fetch::fetch_blocking(&policy, &resolve, &url))
+                    .await
+                    .map_err(|_| ApiError::internal("the image fetch failed"))?;
+            let result = if fetched.is_ok() { "ok" } else { "error" };
+            s.metrics
+                .image_fetch_duration
+                .with_label_values(&[result])
+                .observe(started.elapsed().as_secs_f64());
+            fetched.map_err(|mut e| {
+                e.message = format!("image {index}: {}", e.message);
+                e
+            })
+        }
+    });
+    futures_util::future::try_join_all(tasks).await
 }
 
 /// Decodes and preprocesses each image on the blocking pool, at most `preprocess_workers` at

@@ -1,4 +1,5 @@
-//! Request bodies: JSON (images as base64 or `data:` URLs) or multipart/form-data (file fields
+//! Request bodies: JSON (images as base64, `data:` URLs or http(s) URLs, which `fetch` gets)
+//! or multipart/form-data (file fields
 //! `image`, repeatable; the other fields as form fields), read into one [`Input`].
 
 use axum::body::Bytes;
@@ -10,9 +11,26 @@ use serde::{Deserialize, Deserializer};
 use super::error::ApiError;
 use crate::generation::GenerationOverrides;
 
+/// An image as the request gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    Bytes(Vec<u8>),
+    /// An http(s) URL, fetched under the server's `image_url_*` policy.
+    Url(String),
+}
+
+/// `image`: an http(s) URL, else base64 or a `data:` URL.
+pub(super) fn image_source(image: &str, index: usize) -> Result<ImageSource, ApiError> {
+    let lower = image.get(..8).unwrap_or(image).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Ok(ImageSource::Url(image.to_string()));
+    }
+    decode_base64_image(image, index).map(ImageSource::Bytes)
+}
+
 /// What a caption or VQA request asks, whatever its encoding.
 pub struct Input {
-    pub images: Vec<Vec<u8>>,
+    pub images: Vec<ImageSource>,
     /// `prompt` (caption) or `question` (VQA).
     pub text: Option<String>,
     /// VQA's `questions`: several questions about one image (then `text` is `None`).
@@ -130,13 +148,13 @@ pub(super) fn decode_base64_image(image: &str, index: usize) -> Result<Vec<u8>, 
 fn images_of(
     image: Option<String>,
     images: Option<Vec<String>>,
-) -> Result<(Vec<Vec<u8>>, bool), ApiError> {
+) -> Result<(Vec<ImageSource>, bool), ApiError> {
     match (image, images) {
-        (Some(one), None) => Ok((vec![decode_base64_image(&one, 0)?], false)),
+        (Some(one), None) => Ok((vec![image_source(&one, 0)?], false)),
         (None, Some(many)) => Ok((
             many.iter()
                 .enumerate()
-                .map(|(i, s)| decode_base64_image(s, i))
+                .map(|(i, s)| image_source(s, i))
                 .collect::<Result<_, _>>()?,
             true,
         )),
@@ -272,7 +290,7 @@ async fn read_multipart(endpoint: Endpoint, mut multipart: Multipart) -> Result<
                         images.len()
                     )));
                 }
-                images.push(bytes.to_vec());
+                images.push(ImageSource::Bytes(bytes.to_vec()));
             }
             _ => {
                 let text = field.text().await.map_err(multipart_error)?;

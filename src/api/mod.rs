@@ -4,6 +4,7 @@
 //! are `{error, error_type}` with the matching status (OpenAI's shape on OpenAI's routes).
 
 mod error;
+pub mod fetch;
 mod infer;
 mod input;
 mod loading;
@@ -72,6 +73,9 @@ pub struct AppState {
     /// `Bearer <key>` expected on /v1/*, if any.
     pub api_key: Option<String>,
     pub cors_allow_origins: Vec<String>,
+    pub url_policy: fetch::UrlPolicy,
+    /// How image-URL host names are resolved (the system's; tests give their own).
+    pub resolve: fetch::Resolve,
     /// openapi.yaml as JSON.
     pub openapi_json: String,
     /// How start-up went (phases and their times), when the caller reported it.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorParam};
 use super::infer::{self, Admitted, StreamFormat};
-use super::input::{decode_base64_image, Endpoint, Parameters};
+use super::input::{image_source, Endpoint, ImageSource, Parameters};
 use super::wire::TokenInfo;
 use super::AppState;
 use crate::generation::{FinishReason, GeneratedSequence, GenerationOverrides};
@@ -123,7 +123,7 @@ fn invalid(param: &str, message: impl Into<String>) -> ApiError {
 
 /// What the chat request asks, in the native request's terms.
 struct ChatInput {
-    image: Vec<u8>,
+    image: ImageSource,
     /// Where the image is in the request (`messages[i].content[j].image_url.url`).
     image_param: String,
     /// The last user message's text (`None`: caption).
@@ -134,7 +134,7 @@ struct ChatInput {
 }
 
 /// The one image of the conversation and the last user message's text.
-fn read_messages(messages: &[Message]) -> Result<(Vec<u8>, String, Option<String>), ApiError> {
+fn read_messages(messages: &[Message]) -> Result<(ImageSource, String, Option<String>), ApiError> {
     let mut image = None;
     let mut text = None;
     for (i, m) in messages.iter().enumerate() {
@@ -187,15 +187,17 @@ fn read_messages(messages: &[Message]) -> Result<(Vec<u8>, String, Option<String
     Ok((image, param, text))
 }
 
-/// A `data:` URL's bytes. Other URLs are refused: this server fetches no URLs.
-fn image_bytes(url: &str, param: &str) -> Result<Vec<u8>, ApiError> {
-    if !url.starts_with("data:") {
+/// A `data:` URL's bytes, or an http(s) URL to fetch under the server's policy.
+fn image_bytes(url: &str, param: &str) -> Result<ImageSource, ApiError> {
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if !url.starts_with("data:") && !lower.starts_with("http://") && !lower.starts_with("https://")
+    {
         return Err(invalid(
             param,
-            "image URLs are not fetched by this server: send the image as a data: URL (data:image/png;base64,...)",
+            "an image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL",
         ));
     }
-    decode_base64_image(url, 0).map_err(|e| invalid(param, e.message))
+    image_source(url, 0).map_err(|e| invalid(param, e.message))
 }
 
 impl ChatRequest {
@@ -536,7 +538,10 @@ async fn chat(s: Arc<AppState>, request: Request) -> Result<Response, ApiError> 
     };
     let (prompt, params) =
         infer::checked_request(&s, endpoint, 1, input.text, input.parameters, input.stream)?;
-    let pixels = infer::preprocess_all(&s, vec![input.image])
+    let images = infer::load_images(&s, vec![input.image])
+        .await
+        .map_err(|e| e.with_param(&input.image_param))?;
+    let pixels = infer::preprocess_all(&s, images)
         .await
         .map_err(|e| e.with_param(&input.image_param))?;
     let jobs = pixels.into_iter().map(|p| (p, prompt.clone())).collect();
@@ -738,7 +743,10 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(input.text.as_deref(), Some("and its colour?"));
-        assert_eq!(input.image, b"\x89PNG\r\n\x1a\n");
+        assert_eq!(
+            input.image,
+            ImageSource::Bytes(b"\x89PNG\r\n\x1a\n".to_vec())
+        );
         let g = input.parameters.generation;
         assert_eq!(g.max_new_tokens, Some(7));
         assert_eq!(g.do_sample, Some(false));
@@ -758,7 +766,7 @@ mod tests {
                 "messages",
             ),
             (
-                serde_json::json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}),
+                serde_json::json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/a.png"}}]}]}),
                 "messages[0].content[0].image_url.url",
             ),
             (
