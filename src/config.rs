@@ -503,6 +503,26 @@ mod tests {
         }
     }
 
+    /// docker/compose.yaml hands every setting in the calling shell to the replicas; a key
+    /// added to config/default.toml must be added there too (the file sets model, host, port
+    /// and log_format itself).
+    #[test]
+    fn compose_passes_every_setting_through() {
+        let compose = include_str!("../docker/compose.yaml");
+        let table: toml::Table = DEFAULT_TOML.parse().unwrap();
+        let missing: Vec<String> = table
+            .keys()
+            .map(|k| format!("BLIP2_{}", k.to_uppercase()))
+            .filter(|var| {
+                !compose.contains(&format!("- {var}")) && !compose.contains(&format!("- {var}="))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docker/compose.yaml does not pass {missing:?}"
+        );
+    }
+
     /// config/default.toml is the one source of the defaults: every flag's `--help` states the
     /// file's value, and so does README.md's table.
     #[test]
