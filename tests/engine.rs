@@ -123,6 +123,7 @@ fn batched_jobs_get_what_they_get_alone_and_stream_their_tokens() {
                 JobEvent::Token { id, .. } => streamed.push(id),
                 JobEvent::Done(seqs) => break seqs,
                 JobEvent::Error(e) => panic!("job {i} failed: {e}"),
+                JobEvent::Features { .. } => panic!("job {i}: features for a generation job"),
             }
         };
         let tokens: Vec<Vec<u32>> = done.iter().map(|s| s.token_ids.clone()).collect();
@@ -155,6 +156,7 @@ fn a_job_whose_caller_hangs_up_is_cancelled_and_others_finish() {
             JobEvent::Done(seqs) => break seqs,
             JobEvent::Error(e) => panic!("{e}"),
             JobEvent::Token { .. } => {}
+            JobEvent::Features { .. } => panic!("features for a generation job"),
         }
     };
     assert_eq!(done[0].token_ids.len(), 12);
@@ -238,6 +240,7 @@ fn the_token_budget_serialises_jobs_and_the_image_cache_runs_vision_once() {
                 JobEvent::Done(seqs) => break seqs,
                 JobEvent::Error(e) => panic!("{e}"),
                 JobEvent::Token { .. } => {}
+                JobEvent::Features { .. } => panic!("features for a generation job"),
             }
         };
         assert_eq!(done[0].token_ids, expected[i], "job {i}");

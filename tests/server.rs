@@ -378,6 +378,7 @@ async fn every_endpoint_and_input_form_answers_as_the_pipeline() {
             "/ready",
             "/v1/caption",
             "/v1/chat/completions",
+            "/v1/features",
             "/v1/models",
             "/v1/vqa"
         ]
@@ -1553,4 +1554,111 @@ async fn image_urls_are_fetched_only_as_the_policy_allows() {
         "only the first hop was connected to"
     );
     s.stop().await;
+}
+
+/// /v1/features: every stage equals the reference's `get_image_features` outputs within 1e-4
+/// (f32) on the OPT and T5 fixtures (golden/features.safetensors, written by
+/// tools/make_feature_goldens.py); base64 carries the same floats; a batch answers as singles;
+/// a seen image's projection comes from the vision cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_equal_the_reference_at_every_stage() {
+    for model in ["opt-tiny", "t5-tiny"] {
+        let dir = model_dir(model).join("golden");
+        let golden = candle_core::safetensors::load(
+            dir.join("features.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let index: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("features.json")).unwrap())
+                .unwrap();
+        let s = Server::start_model(model, ServeOptions::default()).await;
+        for name in index["images"].as_array().unwrap() {
+            let name = name.as_str().unwrap();
+            let stem = name.rsplit_once('.').unwrap().0;
+            let img = b64(&image(name));
+            for stage in ["vision", "vision_pooled", "qformer", "projected"] {
+                let (status, f) = s
+                    .json("/v1/features", json!({"image": img, "stage": stage}))
+                    .await;
+                assert_eq!(status, 200, "{model} {name} {stage}: {f}");
+                let want = &golden[&format!("{stem}.{stage}")];
+                let shape: Vec<usize> = serde_json::from_value(f["shape"].clone()).unwrap();
+                assert_eq!(shape, want.dims(), "{model} {name} {stage}");
+                assert_eq!(
+                    (f["stage"].as_str(), f["dtype"].as_str()),
+                    (Some(stage), Some("float32"))
+                );
+                let data: Vec<f32> = serde_json::from_value(f["data"].clone()).unwrap();
+                let ours = candle_core::Tensor::from_vec(
+                    data.clone(),
+                    shape.as_slice(),
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap();
+                let diff = assert_close(&format!("{model} {name} {stage}"), &ours, want, 1e-4);
+                assert!(diff.is_finite());
+                let (_, b) = s
+                    .json(
+                        "/v1/features",
+                        json!({"image": img, "stage": stage, "encoding_format": "base64"}),
+                    )
+                    .await;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b["data"].as_str().unwrap())
+                    .unwrap();
+                let floats: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                assert_eq!(floats, data, "{model} {name} {stage}: base64");
+            }
+        }
+        // A batch answers as the singles do, in order.
+        let imgs: Vec<String> = index["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| b64(&image(n.as_str().unwrap())))
+            .collect();
+        let (status, batch) = s
+            .json("/v1/features", json!({"images": imgs, "stage": "qformer"}))
+            .await;
+        assert_eq!(status, 200, "{batch}");
+        for (i, img) in imgs.iter().enumerate() {
+            let (_, one) = s
+                .json("/v1/features", json!({"image": img, "stage": "qformer"}))
+                .await;
+            let a: Vec<f32> = serde_json::from_value(batch["results"][i]["data"].clone()).unwrap();
+            let b: Vec<f32> = serde_json::from_value(one["data"].clone()).unwrap();
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "{model} batch row {i}: {worst}");
+        }
+        // The projection of a seen image is a cache hit.
+        let hits = "blip2_image_cache_lookups_total{result=\"hit\"}";
+        let before = s.metric(hits).await;
+        let (_, _) = s
+            .json(
+                "/v1/features",
+                json!({"image": imgs[0], "stage": "projected"}),
+            )
+            .await;
+        assert_eq!(s.metric(hits).await, before + 1.0, "{model}");
+        // Bad input.
+        for (body, status) in [
+            (json!({"image": imgs[0], "stage": "pixels"}), 422),
+            (json!({"image": imgs[0], "encoding_format": "hex"}), 422),
+            (json!({"image": imgs[0], "extra": 1}), 422),
+            (json!({}), 422),
+            (json!({"image": "AAAA"}), 415),
+        ] {
+            let (got, e) = s.json("/v1/features", body.clone()).await;
+            assert_eq!(got, status, "{body}: {e}");
+        }
+        s.stop().await;
+    }
 }

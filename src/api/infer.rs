@@ -46,7 +46,7 @@ pub(super) fn wants_sse(headers: &HeaderMap) -> bool {
 
 /// One submitted image: its events, cancel flag and prompt length.
 pub(super) struct Submitted {
-    rx: mpsc::UnboundedReceiver<JobEvent>,
+    pub(super) rx: mpsc::UnboundedReceiver<JobEvent>,
     cancel: Arc<AtomicBool>,
     pub(super) prompt_tokens: usize,
 }
@@ -384,10 +384,26 @@ pub(super) fn submit(
     jobs: Vec<(Vec<f32>, Prompt)>,
     params: &crate::generation::GenerationParams,
 ) -> Result<Vec<Submitted>, ApiError> {
+    let jobs = jobs
+        .into_iter()
+        .map(|(pixel_values, prompt)| {
+            let prompt_tokens = prompt.text_ids.len();
+            (
+                Job::new(pixel_values, prompt, params.clone()),
+                prompt_tokens,
+            )
+        })
+        .collect();
+    enqueue(s, jobs)
+}
+
+/// Queues jobs (each with its prompt's length); all or none.
+pub(super) fn enqueue(
+    s: &Arc<AppState>,
+    jobs: Vec<((Job, mpsc::UnboundedReceiver<JobEvent>), usize)>,
+) -> Result<Vec<Submitted>, ApiError> {
     let mut submitted: Vec<Submitted> = Vec::with_capacity(jobs.len());
-    for (pixel_values, prompt) in jobs {
-        let prompt_tokens = prompt.text_ids.len();
-        let (job, rx) = Job::new(pixel_values, prompt, params.clone());
+    for ((job, rx), prompt_tokens) in jobs {
         let cancel = job.cancel.clone();
         if let Err(e) = s.engine.try_submit(job) {
             for done in &submitted {
@@ -421,7 +437,7 @@ pub(super) async fn collect(
                 }
             }
             JobEvent::Done(seqs) if !seqs.is_empty() => return Ok((seqs, tokens)),
-            JobEvent::Done(_) => break,
+            JobEvent::Done(_) | JobEvent::Features { .. } => break,
             JobEvent::Error(e) => return Err(e.into()),
         }
     }

@@ -1,9 +1,10 @@
 //! HTTP: `POST /v1/caption`, `POST /v1/vqa` (JSON or multipart; `stream` for Server-Sent
-//! Events), OpenAI's `POST /v1/chat/completions` and `GET /v1/models`, `GET /health`, `/ready`,
+//! Events), `POST /v1/features`, OpenAI's `POST /v1/chat/completions` and `GET /v1/models`, `GET /health`, `/ready`,
 //! `/info`, `/metrics`, `/openapi.json`, `/docs`. Every answer carries an `x-request-id`; errors
 //! are `{error, error_type}` with the matching status (OpenAI's shape on OpenAI's routes).
 
 mod error;
+mod features;
 pub mod fetch;
 mod infer;
 mod input;
@@ -101,6 +102,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     let inference = Router::new()
         .route("/v1/caption", post(infer::caption))
         .route("/v1/vqa", post(infer::vqa))
+        .route("/v1/features", post(features::features))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     // OpenAI's routes answer errors in OpenAI's shape, the API key's included.
     let openai = Router::new()

@@ -72,11 +72,26 @@ pub fn job_tokens(num_query_tokens: usize, prompt: &Prompt, params: &GenerationP
     (num_query_tokens + prompt.text_ids.len() + params.max_new_tokens) * rows
 }
 
-/// One request for the worker: preprocessed pixels [3, H, W], the prompt, its settings.
+/// What `/v1/features` returns for an image (the reference's `get_image_features` outputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureStage {
+    /// The vision model's `last_hidden_state` [tokens, Dv].
+    Vision,
+    /// Its `pooler_output` [Dv].
+    VisionPooled,
+    /// The Q-Former's `last_hidden_state` [queries, Dq].
+    QFormer,
+    /// The language projection of it [queries, D_lm]: what the language model is conditioned on.
+    Projected,
+}
+
+/// One request for the worker: preprocessed pixels [3, H, W], the prompt, its settings; or,
+/// with `features`, one image's features (no generation: prompt and settings unused).
 pub struct Job {
     pub pixel_values: Vec<f32>,
     pub prompt: Prompt,
     pub params: GenerationParams,
+    pub features: Option<FeatureStage>,
     pub events: mpsc::UnboundedSender<JobEvent>,
     /// Set by the caller to stop the job at the next step.
     pub cancel: Arc<AtomicBool>,
@@ -96,6 +111,7 @@ impl Job {
             pixel_values,
             prompt,
             params,
+            features: None,
             events,
             cancel: Arc::new(AtomicBool::new(false)),
             submitted: Instant::now(),
@@ -104,9 +120,31 @@ impl Job {
     }
 }
 
+impl Job {
+    /// A features job for one image, and the receiver of its answer
+    /// ([`JobEvent::Features`]).
+    pub fn features(
+        pixel_values: Vec<f32>,
+        stage: FeatureStage,
+    ) -> (Self, mpsc::UnboundedReceiver<JobEvent>) {
+        let prompt = Prompt {
+            text_ids: Vec::new(),
+        };
+        let params = GenerationParams {
+            max_new_tokens: 0,
+            ..GenerationParams::default()
+        };
+        let (mut job, rx) = Self::new(pixel_values, prompt, params);
+        job.features = Some(stage);
+        (job, rx)
+    }
+}
+
 /// What a job hears back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
+    /// A features job's answer: row-major f32 values of `shape` (no batch dimension).
+    Features { shape: Vec<usize>, data: Vec<f32> },
     /// A streamed token (requests with one sequence and no beams).
     Token { id: u32, text: String, logprob: f32 },
     /// The job is finished: its sequences (one, or `num_return_sequences`).

@@ -45,6 +45,10 @@ impl Scheduler {
 
     /// What a job costs in the batch's token budget.
     pub(super) fn cost(&self, job: &Job) -> usize {
+        if job.features.is_some() {
+            // Answered at admission; it holds no rows of the decode batch.
+            return 0;
+        }
         job_tokens(self.num_query_tokens, &job.prompt, &job.params)
     }
 

@@ -12,10 +12,13 @@ use tokio::sync::mpsc;
 
 use super::cache::FeatureCache;
 use super::scheduler::Scheduler;
-use super::{EngineError, Job, JobEvent};
+use super::{EngineError, FeatureStage, Job, JobEvent};
 use crate::generation::{DecodeBatch, FinishReason, GeneratedSequence, SequenceRequest};
 use crate::metrics::Metrics;
 use crate::pipeline::Blip2Pipeline;
+
+/// One image's features: the shape without the batch dimension, and row-major values.
+type FeatureRow = (Vec<usize>, Vec<f32>);
 
 /// A request in the running batch, aligned with the batch's requests, in order.
 struct Running {
@@ -78,6 +81,11 @@ impl<'m> Worker<'m> {
             self.metrics
                 .queue_duration
                 .observe((now - job.submitted).as_secs_f64());
+        }
+        let (features, admitted): (Vec<Job>, Vec<Job>) =
+            admitted.into_iter().partition(|j| j.features.is_some());
+        if !features.is_empty() {
+            self.answer_features(features);
         }
         for (jobs, prefilled) in self.prefill_groups(admitted) {
             let new = match prefilled {
@@ -193,6 +201,94 @@ impl<'m> Worker<'m> {
             }
             let _ = r.events.send(JobEvent::Done(sequences));
         }
+    }
+
+    /// Features jobs, answered at once (they do not join the decode batch): projected-only
+    /// batches through the vision cache, others through the whole image path.
+    fn answer_features(&mut self, jobs: Vec<Job>) {
+        let computed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.features(&jobs)))
+                .unwrap_or_else(|_| Err(EngineError::panicked()));
+        match computed {
+            Ok(rows) => {
+                for (job, (shape, data)) in jobs.iter().zip(rows) {
+                    let _ = job.events.send(JobEvent::Features { shape, data });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, requests = jobs.len(), "features failed");
+                for job in &jobs {
+                    let _ = job.events.send(JobEvent::Error(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Each job's stage as (shape without the batch dimension, row-major values).
+    fn features(&mut self, jobs: &[Job]) -> Result<Vec<FeatureRow>, EngineError> {
+        let pipeline = self.pipeline;
+        let device = pipeline.model.device().clone();
+        let (height, width) = (pipeline.images.height, pipeline.images.width);
+        let batch = |pixels: &[&[f32]]| {
+            Tensor::from_vec(pixels.concat(), (pixels.len(), 3, height, width), &device)
+                .map_err(|e| e.to_string())
+        };
+        let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
+        let rows = |t: &Tensor| -> Result<Vec<FeatureRow>, EngineError> {
+            let t = t.to_dtype(candle_core::DType::F32).map_err(internal)?;
+            let shape = t.dims()[1..].to_vec();
+            (0..t.dim(0).map_err(internal)?)
+                .map(|i| {
+                    let row = t.get(i).and_then(|r| r.flatten_all()?.to_vec1::<f32>());
+                    Ok((shape.clone(), row.map_err(internal)?))
+                })
+                .collect()
+        };
+        if jobs
+            .iter()
+            .all(|j| j.features == Some(FeatureStage::Projected))
+        {
+            let embeds = self
+                .cache
+                .query_embeds(jobs, &self.metrics, |pixels: &[&[f32]]| {
+                    let f = pipeline.model.image_features(&batch(pixels)?);
+                    Ok(f.map_err(|e| e.to_string())?.query_embeds)
+                })
+                .map_err(EngineError::Internal)?;
+            return rows(&embeds);
+        }
+        let pixels: Vec<&[f32]> = jobs.iter().map(|j| j.pixel_values.as_slice()).collect();
+        let f = pipeline
+            .model
+            .image_features(&batch(&pixels).map_err(EngineError::Internal)?)?;
+        let pooled = if jobs
+            .iter()
+            .any(|j| j.features == Some(FeatureStage::VisionPooled))
+        {
+            Some(rows(&pipeline.model.pooled_vision(&f.vision_states)?)?)
+        } else {
+            None
+        };
+        let (vision, qformer, projected) = (
+            rows(&f.vision_states)?,
+            rows(&f.query_states)?,
+            rows(&f.query_embeds)?,
+        );
+        jobs.iter()
+            .enumerate()
+            .map(|(i, j)| {
+                let stage = j.features.unwrap_or(FeatureStage::Projected);
+                Ok(match stage {
+                    FeatureStage::Vision => vision[i].clone(),
+                    FeatureStage::VisionPooled => pooled
+                        .as_ref()
+                        .map(|p| p[i].clone())
+                        .ok_or_else(|| EngineError::Internal("no pooled output".into()))?,
+                    FeatureStage::QFormer => qformer[i].clone(),
+                    FeatureStage::Projected => projected[i].clone(),
+                })
+            })
+            .collect()
     }
 
     /// Prefills the admitted jobs as one batch; when that fails (a panic included) and there

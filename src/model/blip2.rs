@@ -139,6 +139,11 @@ impl Blip2Model {
             .forward(&query_states.to_dtype(self.dtype)?)?)
     }
 
+    /// The vision model's `pooler_output` [B, Dv] from its `last_hidden_state`.
+    pub fn pooled_vision(&self, vision_states: &Tensor) -> Result<Tensor> {
+        self.vision.pool(vision_states)
+    }
+
     /// Vision states [B, N, D] -> Q-Former -> projected queries [B, Q, D_lm].
     pub fn project_queries(&self, vision_states: &Tensor) -> Result<Tensor> {
         self.project(&self.qformer.forward(vision_states)?)

@@ -196,4 +196,11 @@ impl VisionEncoder {
         }
         Ok(self.post_layernorm.forward(&xs)?)
     }
+
+    /// `pooler_output` [B, D]: the CLS row of `last_hidden_state`, through `post_layernorm`
+    /// once more (the reference normalises it twice).
+    pub fn pool(&self, last_hidden_state: &Tensor) -> Result<Tensor> {
+        let cls = last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(self.post_layernorm.forward(&cls)?)
+    }
 }
