@@ -160,6 +160,7 @@ pub async fn run(
         max_new_tokens: options.max_new_tokens,
         max_batch_tokens: options.engine.max_batch_tokens,
         num_query_tokens: pipeline.model.config.num_query_tokens,
+        lm_hidden_size: pipeline.model.config.text.hidden_size(),
         max_positions: lm.position_limit(),
         request_timeout: options.request_timeout,
     };

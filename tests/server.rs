@@ -1648,6 +1648,61 @@ async fn features_equal_the_reference_at_every_stage() {
             )
             .await;
         assert_eq!(s.metric(hits).await, before + 1.0, "{model}");
+        // image_embeds (a projected answer, either encoding) stand for the image itself.
+        let params = json!({"max_new_tokens": 6});
+        for encoding in ["float", "base64"] {
+            let (_, embeds) = s
+                .json(
+                    "/v1/features",
+                    json!({"image": imgs[1], "stage": "projected", "encoding_format": encoding}),
+                )
+                .await;
+            for (path, field, text) in [
+                ("/v1/caption", "prompt", "a photo of"),
+                ("/v1/vqa", "question", "what is it?"),
+            ] {
+                let (_, by_image) = s
+                    .json(
+                        path,
+                        json!({"image": imgs[1], field: text, "parameters": params}),
+                    )
+                    .await;
+                let (status, by_embeds) = s
+                    .json(
+                        path,
+                        json!({"image_embeds": embeds, field: text, "parameters": params}),
+                    )
+                    .await;
+                assert_eq!(status, 200, "{model} {path} {encoding}: {by_embeds}");
+                assert_eq!(
+                    by_embeds["token_ids"], by_image["token_ids"],
+                    "{model} {path} {encoding}"
+                );
+            }
+        }
+        let (_, pooled) = s
+            .json(
+                "/v1/features",
+                json!({"image": imgs[1], "stage": "vision_pooled"}),
+            )
+            .await;
+        let (status, e) = s.json("/v1/caption", json!({"image_embeds": pooled})).await;
+        assert_eq!(status, 422, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("projected"), "{e}");
+        let (_, qf) = s
+            .json(
+                "/v1/features",
+                json!({"image": imgs[1], "stage": "projected"}),
+            )
+            .await;
+        let mut wrong = qf.clone();
+        wrong["shape"] = json!([1, qf["data"].as_array().unwrap().len()]);
+        let (status, e) = s.json("/v1/caption", json!({"image_embeds": wrong})).await;
+        assert_eq!(status, 422, "{e}");
+        let (status, e) = s
+            .json("/v1/caption", json!({"image_embeds": qf, "image": imgs[1]}))
+            .await;
+        assert_eq!(status, 422, "{e}");
         // Bad input.
         for (body, status) in [
             (json!({"image": imgs[0], "stage": "pixels"}), 422),

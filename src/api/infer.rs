@@ -124,15 +124,29 @@ async fn handle(
     } else {
         checked_questions(&s, questions, parameters, stream)?
     };
-    let images = load_images(&s, images).await?;
-    let mut pixels = preprocess_all(&s, images).await?;
-    // Several questions about one image: one job each, the same pixels (the vision encoder
-    // runs once: identical images admitted together share it, later ones hit the cache).
-    if prompts.len() > pixels.len() {
-        let one = pixels.pop().ok_or_else(|| ApiError::internal("no image"))?;
-        pixels = vec![one; prompts.len()];
-    }
-    let submitted = submit(&s, pixels.into_iter().zip(prompts).collect(), &params)?;
+    let submitted = if let Some(embeds) = given_embeds(&s, &images)? {
+        let jobs = prompts
+            .into_iter()
+            .map(|prompt| {
+                let prompt_tokens = prompt.text_ids.len();
+                let (mut job, rx) = Job::new(Vec::new(), prompt, params.clone());
+                job.query_embeds = Some(embeds.clone());
+                ((job, rx), prompt_tokens)
+            })
+            .collect();
+        enqueue(&s, jobs)?
+    } else {
+        let images = load_images(&s, images).await?;
+        let mut pixels = preprocess_all(&s, images).await?;
+        // Several questions about one image: one job each, the same pixels (the vision
+        // encoder runs once: identical images admitted together share it, later ones hit the
+        // cache).
+        if prompts.len() > pixels.len() {
+            let one = pixels.pop().ok_or_else(|| ApiError::internal("no image"))?;
+            pixels = vec![one; prompts.len()];
+        }
+        submit(&s, pixels.into_iter().zip(prompts).collect(), &params)?
+    };
     drop(incoming);
     let guard = cancel_guard(&submitted);
     let field = match endpoint {
@@ -300,6 +314,21 @@ fn check_budgets(
     Ok(())
 }
 
+/// `image_embeds` in place of an image: its values, once their shape is the model's
+/// [num_query_tokens, D_lm].
+fn given_embeds(s: &AppState, images: &[ImageSource]) -> Result<Option<Vec<f32>>, ApiError> {
+    let [ImageSource::Embeds { shape, data }] = images else {
+        return Ok(None);
+    };
+    let want = [s.limits.num_query_tokens, s.limits.lm_hidden_size];
+    if shape.as_slice() != want {
+        return Err(ApiError::validation(format!(
+            "image_embeds: shape {shape:?}; this model's projected features are {want:?}"
+        )));
+    }
+    Ok(Some(data.clone()))
+}
+
 /// The images' bytes: URLs fetched (at most `preprocess_workers` at once, off the runtime)
 /// under the server's policy, each within `image_url_timeout_s`.
 pub(super) async fn load_images(
@@ -312,6 +341,11 @@ pub(super) async fn load_images(
             let url = match source {
                 ImageSource::Bytes(b) => return Ok(b),
                 ImageSource::Url(url) => url,
+                ImageSource::Embeds { .. } => {
+                    return Err(ApiError::validation(format!(
+                        "image {index}: image_embeds stand alone (one per request)"
+                    )))
+                }
             };
             let _permit = s
                 .decode_permits

@@ -17,6 +17,73 @@ pub enum ImageSource {
     Bytes(Vec<u8>),
     /// An http(s) URL, fetched under the server's `image_url_*` policy.
     Url(String),
+    /// `image_embeds`: the image as its language-model inputs, a `/v1/features` answer of
+    /// stage `projected` ([queries, D_lm] row-major).
+    Embeds {
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    },
+}
+
+/// `image_embeds`: a `/v1/features` answer object, exactly as returned (either encoding).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbedsBody {
+    stage: String,
+    shape: Vec<usize>,
+    dtype: String,
+    data: serde_json::Value,
+}
+
+fn embeds_of(b: EmbedsBody) -> Result<ImageSource, ApiError> {
+    let bad = |m: String| ApiError::validation(format!("image_embeds: {m}"));
+    if b.stage != "projected" {
+        return Err(bad(format!(
+            "stage {:?}: only `projected` features (what the language model is conditioned on) stand for an image",
+            b.stage
+        )));
+    }
+    if b.dtype != "float32" {
+        return Err(bad(format!("dtype {:?}: expected float32", b.dtype)));
+    }
+    let data: Vec<f32> = match b.data {
+        serde_json::Value::String(text) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| bad(format!("data is not base64: {e}")))?;
+            if bytes.len() % 4 != 0 {
+                return Err(bad("data is not a whole number of f32 values".into()));
+            }
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }
+        serde_json::Value::Array(values) => values
+            .iter()
+            .map(|v| v.as_f64().map(|x| x as f32))
+            .collect::<Option<Vec<f32>>>()
+            .ok_or_else(|| bad("data must hold numbers".into()))?,
+        _ => {
+            return Err(bad(
+                "data must be a list of numbers or a base64 string".into()
+            ))
+        }
+    };
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(bad("data holds a value that is not finite".into()));
+    }
+    if b.shape.len() != 2 || b.shape.iter().product::<usize>() != data.len() {
+        return Err(bad(format!(
+            "shape {:?} does not match {} values (expected [queries, hidden])",
+            b.shape,
+            data.len()
+        )));
+    }
+    Ok(ImageSource::Embeds {
+        shape: b.shape,
+        data,
+    })
 }
 
 /// `image`: an http(s) URL, else base64 or a `data:` URL.
@@ -77,6 +144,8 @@ struct CaptionBody {
     #[serde(default)]
     image: Option<String>,
     #[serde(default)]
+    image_embeds: Option<EmbedsBody>,
+    #[serde(default)]
     images: Option<Vec<String>>,
     #[serde(default)]
     prompt: Option<String>,
@@ -91,6 +160,8 @@ struct CaptionBody {
 struct VqaBody {
     #[serde(default)]
     image: Option<String>,
+    #[serde(default)]
+    image_embeds: Option<EmbedsBody>,
     #[serde(default)]
     images: Option<Vec<String>>,
     #[serde(default)]
@@ -148,7 +219,16 @@ pub(super) fn decode_base64_image(image: &str, index: usize) -> Result<Vec<u8>, 
 fn images_of(
     image: Option<String>,
     images: Option<Vec<String>>,
+    embeds: Option<EmbedsBody>,
 ) -> Result<(Vec<ImageSource>, bool), ApiError> {
+    if let Some(e) = embeds {
+        if image.is_some() || images.is_some() {
+            return Err(ApiError::validation(
+                "give `image`, `images` or `image_embeds`, not several",
+            ));
+        }
+        return Ok((vec![embeds_of(e)?], false));
+    }
     match (image, images) {
         (Some(one), None) => Ok((vec![image_source(&one, 0)?], false)),
         (None, Some(many)) => Ok((
@@ -167,7 +247,7 @@ fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, Api
     let input = match endpoint {
         Endpoint::Caption => {
             let b: CaptionBody = serde_json::from_value(value).map_err(json_error)?;
-            let (images, many) = images_of(b.image, b.images)?;
+            let (images, many) = images_of(b.image, b.images, b.image_embeds)?;
             Input {
                 images,
                 text: b.prompt,
@@ -179,7 +259,7 @@ fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, Api
         }
         Endpoint::Vqa => {
             let b: VqaBody = serde_json::from_value(value).map_err(json_error)?;
-            let (images, many) = images_of(b.image, b.images)?;
+            let (images, many) = images_of(b.image, b.images, b.image_embeds)?;
             let (text, questions) = match (b.question, b.questions) {
                 (Some(q), None) => (Some(q), Vec::new()),
                 (None, Some(qs)) if qs.is_empty() => {

@@ -49,6 +49,8 @@ pub struct Limits {
     pub max_new_tokens: usize,
     pub max_batch_tokens: usize,
     pub num_query_tokens: usize,
+    /// The language model's width: `image_embeds` are [num_query_tokens, lm_hidden_size].
+    pub lm_hidden_size: usize,
     /// OPT's learned positions: query + prompt + new tokens must fit (T5 has no such limit).
     pub max_positions: Option<usize>,
     pub request_timeout: Option<Duration>,

@@ -74,17 +74,27 @@ impl FeatureCache {
         metrics: &Metrics,
         compute: impl FnOnce(&[&[f32]]) -> Result<Tensor, String>,
     ) -> Result<Tensor, String> {
+        let pixels: Vec<&[f32]> = jobs.iter().map(|j| j.pixel_values.as_slice()).collect();
+        self.query_embeds_of(&pixels, metrics, compute)
+    }
+
+    /// As [`query_embeds`](Self::query_embeds), for images given as pixel values.
+    pub fn query_embeds_of(
+        &mut self,
+        images: &[&[f32]],
+        metrics: &Metrics,
+        compute: impl FnOnce(&[&[f32]]) -> Result<Tensor, String>,
+    ) -> Result<Tensor, String> {
         if self.capacity == 0 {
-            let all: Vec<&[f32]> = jobs.iter().map(|j| j.pixel_values.as_slice()).collect();
-            return compute(&all);
+            return compute(images);
         }
-        let keys: Vec<u64> = jobs.iter().map(|j| key(&j.pixel_values)).collect();
-        let mut cached: Vec<Option<Tensor>> = Vec::with_capacity(jobs.len());
+        let keys: Vec<u64> = images.iter().map(|p| key(p)).collect();
+        let mut cached: Vec<Option<Tensor>> = Vec::with_capacity(images.len());
         // For each job not cached: which computed row is its image.
-        let mut source: Vec<usize> = Vec::with_capacity(jobs.len());
+        let mut source: Vec<usize> = Vec::with_capacity(images.len());
         let mut misses: Vec<usize> = Vec::new();
-        for (i, job) in jobs.iter().enumerate() {
-            let hit = self.lookup(keys[i], &job.pixel_values);
+        for (i, image) in images.iter().enumerate() {
+            let hit = self.lookup(keys[i], image);
             let found = hit.is_some();
             cached.push(hit);
             if found {
@@ -94,7 +104,7 @@ impl FeatureCache {
             }
             match misses
                 .iter()
-                .position(|&m| keys[m] == keys[i] && jobs[m].pixel_values == job.pixel_values)
+                .position(|&m| keys[m] == keys[i] && images[m] == *image)
             {
                 Some(u) => {
                     source.push(u);
@@ -109,10 +119,7 @@ impl FeatureCache {
         }
         let mut computed: Vec<Tensor> = Vec::with_capacity(misses.len());
         if !misses.is_empty() {
-            let pixels: Vec<&[f32]> = misses
-                .iter()
-                .map(|&m| jobs[m].pixel_values.as_slice())
-                .collect();
+            let pixels: Vec<&[f32]> = misses.iter().map(|&m| images[m]).collect();
             let embeds = compute(&pixels)?;
             for (u, &m) in misses.iter().enumerate() {
                 // An owned copy: a cached row must not keep the whole batch's tensor alive.
@@ -120,7 +127,7 @@ impl FeatureCache {
                     .narrow(0, u, 1)
                     .and_then(|r| r.copy())
                     .map_err(|e| e.to_string())?;
-                self.insert(keys[m], &jobs[m].pixel_values, row.clone());
+                self.insert(keys[m], images[m], row.clone());
                 computed.push(row);
             }
         }

@@ -92,6 +92,9 @@ pub struct Job {
     pub prompt: Prompt,
     pub params: GenerationParams,
     pub features: Option<FeatureStage>,
+    /// The image as its language-model inputs ([queries, D_lm] row-major, a `/v1/features`
+    /// `projected` answer) instead of pixels: vision and Q-Former are skipped.
+    pub query_embeds: Option<Vec<f32>>,
     pub events: mpsc::UnboundedSender<JobEvent>,
     /// Set by the caller to stop the job at the next step.
     pub cancel: Arc<AtomicBool>,
@@ -112,6 +115,7 @@ impl Job {
             prompt,
             params,
             features: None,
+            query_embeds: None,
             events,
             cancel: Arc::new(AtomicBool::new(false)),
             submitted: Instant::now(),

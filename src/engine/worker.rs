@@ -313,25 +313,64 @@ impl<'m> Worker<'m> {
             .collect()
     }
 
+    /// The jobs' language-model inputs [B, Q, D_lm]: given ones as they are, the others from
+    /// the vision cache or vision + Q-Former + projection, as one batch.
+    fn query_embeds(&mut self, jobs: &[Job]) -> Result<Tensor, EngineError> {
+        let pipeline = self.pipeline;
+        let device = pipeline.model.device().clone();
+        let (height, width) = (pipeline.images.height, pipeline.images.width);
+        let compute = |pixels: &[&[f32]]| {
+            let data: Vec<f32> = pixels.concat();
+            let tensor = Tensor::from_vec(data, (pixels.len(), 3, height, width), &device)
+                .map_err(|e| e.to_string())?;
+            let features = pipeline
+                .model
+                .image_features(&tensor)
+                .map_err(|e| e.to_string())?;
+            Ok(features.query_embeds)
+        };
+        let images: Vec<&[f32]> = jobs
+            .iter()
+            .filter(|j| j.query_embeds.is_none())
+            .map(|j| j.pixel_values.as_slice())
+            .collect();
+        if images.len() == jobs.len() {
+            return self
+                .cache
+                .query_embeds_of(&images, &self.metrics, compute)
+                .map_err(EngineError::Internal);
+        }
+        let computed = if images.is_empty() {
+            None
+        } else {
+            let t = self.cache.query_embeds_of(&images, &self.metrics, compute);
+            Some(t.map_err(EngineError::Internal)?)
+        };
+        let q = pipeline.model.config.num_query_tokens;
+        let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
+        let mut next = 0;
+        let mut rows = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let row = match (&job.query_embeds, &computed) {
+                (Some(e), _) => Tensor::from_vec(e.clone(), (1, q, e.len() / q.max(1)), &device)
+                    .and_then(|t| t.to_dtype(pipeline.model.dtype()))
+                    .map_err(internal)?,
+                (None, Some(c)) => {
+                    next += 1;
+                    c.narrow(0, next - 1, 1).map_err(internal)?
+                }
+                (None, None) => return Err(EngineError::Internal("no image".into())),
+            };
+            rows.push(row);
+        }
+        Tensor::cat(&rows, 0).map_err(internal)
+    }
+
     /// Vision + Q-Former (or the cache) and prefill of newly admitted jobs, as one batch.
     fn prefill(&mut self, jobs: &[Job]) -> Result<DecodeBatch<'m>, EngineError> {
         let started = Instant::now();
         let pipeline = self.pipeline;
-        let device = pipeline.model.device().clone();
-        let (height, width) = (pipeline.images.height, pipeline.images.width);
-        let query_embeds = self
-            .cache
-            .query_embeds(jobs, &self.metrics, |pixels: &[&[f32]]| {
-                let data: Vec<f32> = pixels.concat();
-                let tensor = Tensor::from_vec(data, (pixels.len(), 3, height, width), &device)
-                    .map_err(|e| e.to_string())?;
-                let features = pipeline
-                    .model
-                    .image_features(&tensor)
-                    .map_err(|e| e.to_string())?;
-                Ok(features.query_embeds)
-            })
-            .map_err(EngineError::Internal)?;
+        let query_embeds = self.query_embeds(jobs)?;
         let images_done = Instant::now();
         let requests: Vec<SequenceRequest> = jobs
             .iter()
