@@ -190,6 +190,7 @@ async fn every_endpoint_and_input_form_answers_as_the_pipeline() {
     assert_eq!(info["vqa_template"], "Question: {} Answer:");
     assert_eq!(info["ready"], true);
     let docs = s.get("/docs").await;
+    assert_eq!(docs.headers()["x-content-type-options"], "nosniff");
     assert!(docs.headers()["content-type"]
         .to_str()
         .unwrap()

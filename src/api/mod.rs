@@ -118,7 +118,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .route("/docs", get(|| async { Html(DOCS_HTML) }))
+        .route(
+            "/docs",
+            get(|| async { ([("x-content-type-options", "nosniff")], Html(DOCS_HTML)) }),
+        )
         .merge(inference)
         .merge(openai)
         .fallback(not_found)
