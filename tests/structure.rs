@@ -544,3 +544,35 @@ fn every_source_file_says_what_it_is_for() {
         .collect();
     fail_if_any("files not opening with a `//!` doc comment", &offenders);
 }
+
+/// `.unwrap()` / `.expect(` in `code` before its first `#[cfg(test)]`, as `line: text`.
+fn panicking_calls(code: &str) -> Vec<String> {
+    code.lines()
+        .take_while(|l| !l.contains("#[cfg(test)]"))
+        .enumerate()
+        .filter(|(_, l)| l.contains(".unwrap()") || l.contains(".expect("))
+        .map(|(n, l)| format!("{}: {}", n + 1, l.trim()))
+        .collect()
+}
+
+#[test]
+fn no_unwrap_or_expect_on_a_request_path() {
+    // A request must get an answer, never a panic: the HTTP layer and the server around it
+    // return errors instead (tests below `#[cfg(test)]` may unwrap).
+    assert_eq!(
+        panicking_calls(&blank_non_code(
+            "fn a() { x.unwrap(); }\n// .unwrap() in a comment\n#[cfg(test)]\nfn t() { y.expect(\"\"); }"
+        )),
+        ["1: fn a() { x.unwrap(); }"]
+    );
+    let offenders: Vec<String> = load_sources()
+        .iter()
+        .filter(|f| f.path.starts_with("src/api/") || f.path == "src/server.rs")
+        .flat_map(|f| {
+            panicking_calls(&f.code)
+                .into_iter()
+                .map(move |l| format!("{}:{l}", f.path))
+        })
+        .collect();
+    fail_if_any("unwrap/expect on a request path", &offenders);
+}

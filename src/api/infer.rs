@@ -154,7 +154,10 @@ async fn handle(
         Endpoint::Vqa => TextField::Answer,
     };
     if stream {
-        let one = submitted.into_iter().next().expect("one image");
+        let one = submitted
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::internal("no job"))?;
         let format = NativeStream {
             field,
             details,

@@ -175,7 +175,9 @@ fn request_id(request: &Request) -> HeaderValue {
         static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
         let prefix = PREFIX.get_or_init(rand::random::<u32>);
         let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{prefix:08x}-{n:012x}")).expect("hex is a header value")
+        // Hex digits and a dash are always a valid header value; the fallback cannot be taken.
+        HeaderValue::from_str(&format!("{prefix:08x}-{n:012x}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("request"))
     })
 }
 
