@@ -27,8 +27,22 @@ for _ in $(seq 1 100); do
   kill -0 $SERVER 2>/dev/null || { cat target/schemathesis-server.log; exit 1; }
   sleep 0.2
 done
-"$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
-  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,unsupported_method \
-  --max-examples 60 --seed 20261127 --workers 2 --no-color
+run_schemathesis() {
+  "$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
+    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,unsupported_method \
+    --max-examples 60 --seed 20261127 --workers 2 --no-color 2>&1 | tee target/schemathesis-run.log
+  return "${PIPESTATUS[0]}"
+}
+if ! run_schemathesis; then
+  # schemathesis 4.32.5's coverage phase has been seen to raise an internal, non-reproducible
+  # "Runtime Error" (a Hypothesis FlakyFailure inside its own generator, every case passing).
+  # Only that is retried, once, with the same seed; any check failure stays fatal.
+  if grep -q "Runtime Error" target/schemathesis-run.log && ! grep -q "= FAILURES =" target/schemathesis-run.log; then
+    echo "schemathesis: an internal runtime error (no check failed); running it once more"
+    run_schemathesis
+  else
+    exit 1
+  fi
+fi
 # The server survived it all.
 ready || { echo "the server is not ready after schemathesis"; exit 1; }
