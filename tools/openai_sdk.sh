@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import openai' 2>/dev
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "openai==3.51.0"
 fi
-"$BIN" serve --model tests/fixtures/models/opt-tiny --host 127.0.0.1 --port "$PORT" \
+"$BIN" serve --model tests/fixtures/models/opt-tiny --host 127.0.0.1 --port "$PORT" --shutdown-delay-s 0 \
   >target/openai-sdk-server.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/schemathesis" ]; then
   "$VENV/bin/pip" install -q "schemathesis==4.32.5"
 fi
 "$BIN" serve --model tests/fixtures/models/opt-tiny --host 127.0.0.1 --port "$PORT" \
-  --max-new-tokens 64 --request-timeout-s 30 >target/schemathesis-server.log 2>&1 &
+  --max-new-tokens 64 --request-timeout-s 30 --shutdown-delay-s 0 >target/schemathesis-server.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 ready() {
@@ -27,22 +27,11 @@ for _ in $(seq 1 100); do
   kill -0 $SERVER 2>/dev/null || { cat target/schemathesis-server.log; exit 1; }
   sleep 0.2
 done
-run_schemathesis() {
-  "$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
-    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,unsupported_method \
-    --max-examples 60 --seed 20261127 --workers 2 --no-color 2>&1 | tee target/schemathesis-run.log
-  return "${PIPESTATUS[0]}"
-}
-if ! run_schemathesis; then
-  # schemathesis 4.32.5's coverage phase has been seen to raise an internal, non-reproducible
-  # "Runtime Error" (a Hypothesis FlakyFailure inside its own generator, every case passing).
-  # Only that is retried, once, with the same seed; any check failure stays fatal.
-  if grep -q "Runtime Error" target/schemathesis-run.log && ! grep -q "= FAILURES =" target/schemathesis-run.log; then
-    echo "schemathesis: an internal runtime error (no check failed); running it once more"
-    run_schemathesis
-  else
-    exit 1
-  fi
-fi
+# One worker: with two, Hypothesis' shared lambda-description cache raced between threads and
+# schemathesis 4.32.5 reported an internal FlakyFailure ("Runtime Error", every case passing)
+# about one run in three on this spec.
+"$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,unsupported_method \
+  --max-examples 60 --seed 20261127 --workers 1 --no-color
 # The server survived it all.
 ready || { echo "the server is not ready after schemathesis"; exit 1; }

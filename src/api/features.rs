@@ -11,9 +11,8 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Multipart, Request, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -21,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::infer::{self, Admitted, Submitted};
-use super::input::{image_source, too_large, ImageSource};
+use super::input::{self, image_source, too_large, ImageSource};
 use super::AppState;
 use crate::engine::{FeatureStage, Job, JobEvent};
 
@@ -123,40 +122,12 @@ pub async fn features(State(s): State<Arc<AppState>>, request: Request) -> Respo
 }
 
 async fn read(s: &AppState, request: Request) -> Result<FeaturesInput, ApiError> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > s.limits.max_body_bytes as u64) {
-        return Err(too_large());
+    input::refuse_declared_length(&request, s.limits.max_body_bytes)?;
+    if input::content_type(&request).starts_with("multipart/form-data") {
+        return read_multipart(input::multipart(request).await?).await;
     }
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .to_ascii_lowercase();
-    if content_type.starts_with("multipart/form-data") {
-        let multipart = Multipart::from_request(request, &())
-            .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        return read_multipart(multipart).await;
-    }
-    let body = Bytes::from_request(request, &()).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large()
-        } else {
-            ApiError::bad_request(e.body_text())
-        }
-    })?;
-    let b: FeaturesBody = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_syntax() || e.is_eof() {
-            ApiError::bad_request(format!("invalid JSON body: {e}"))
-        } else {
-            ApiError::validation(format!("invalid request: {e}"))
-        }
-    })?;
+    let body = input::body_bytes(request).await?;
+    let b: FeaturesBody = serde_json::from_slice(&body).map_err(input::json_error)?;
     let (images, many) = match (b.image, b.images) {
         (Some(one), None) => (vec![image_source(&one, 0)?], false),
         (None, Some(list)) => (
@@ -254,12 +225,7 @@ async fn handle(s: Arc<AppState>, request: Request) -> Result<Response, ApiError
         }
         Ok::<_, ApiError>(results)
     };
-    let results = match deadline {
-        Some(d) => tokio::time::timeout_at(d, collected)
-            .await
-            .map_err(|_| ApiError::timeout())??,
-        None => collected.await?,
-    };
+    let results = infer::within(deadline, collected).await?;
     drop(guard);
     drop(permit);
     Ok(if input.many {

@@ -175,12 +175,7 @@ async fn handle(
         }
         Ok::<_, ApiError>(results)
     };
-    let results = match deadline {
-        Some(d) => tokio::time::timeout_at(d, collected)
-            .await
-            .map_err(|_| ApiError::timeout())??,
-        None => collected.await?,
-    };
+    let results = within(deadline, collected).await?;
     drop(guard);
     drop(permit);
     Ok(if many {
@@ -458,6 +453,19 @@ pub(super) fn enqueue(
         });
     }
     Ok(submitted)
+}
+
+/// `answer` by the deadline, if any (else 504 `timeout`).
+pub(super) async fn within<T>(
+    deadline: Option<Deadline>,
+    answer: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, answer)
+            .await
+            .map_err(|_| ApiError::timeout())?,
+        None => answer.await,
+    }
 }
 
 /// Waits for one job's result: its sequences, and its tokens when `details` (one sequence).

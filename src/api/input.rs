@@ -189,7 +189,7 @@ impl Endpoint {
     }
 }
 
-fn json_error(e: serde_json::Error) -> ApiError {
+pub(super) fn json_error(e: serde_json::Error) -> ApiError {
     if e.is_syntax() || e.is_eof() {
         ApiError::bad_request(format!("invalid JSON body: {e}"))
     } else {
@@ -297,26 +297,10 @@ pub async fn read(
     request: Request,
     max_body_bytes: usize,
 ) -> Result<Input, ApiError> {
-    // A declared length over the limit is refused before any of the body is read.
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body_bytes as u64) {
-        return Err(too_large());
-    }
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .to_ascii_lowercase();
+    refuse_declared_length(&request, max_body_bytes)?;
+    let content_type = content_type(&request);
     if content_type.starts_with("multipart/form-data") {
-        let multipart = Multipart::from_request(request, &())
-            .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        return read_multipart(endpoint, multipart).await;
+        return read_multipart(endpoint, multipart(request).await?).await;
     }
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if essence != "application/json" && !essence.ends_with("+json") {
@@ -326,18 +310,55 @@ pub async fn read(
             format!("content type {essence:?} is not accepted: send application/json or multipart/form-data"),
         ));
     }
-    let body = Bytes::from_request(request, &()).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large()
-        } else {
-            ApiError::bad_request(e.body_text())
-        }
-    })?;
+    let body = body_bytes(request).await?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(json_error)?;
     if !value.is_object() {
         return Err(ApiError::validation("the body must be a JSON object"));
     }
     from_value(endpoint, value)
+}
+
+/// A declared length over the limit is refused before any of the body is read.
+pub(super) fn refuse_declared_length(
+    request: &Request,
+    max_body_bytes: usize,
+) -> Result<(), ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    Ok(())
+}
+
+/// The request's content type, lower-cased (JSON when none is given).
+pub(super) fn content_type(request: &Request) -> String {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_ascii_lowercase()
+}
+
+pub(super) async fn multipart(request: Request) -> Result<Multipart, ApiError> {
+    Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+/// The whole body, within the router's body limit (413 past it).
+pub(super) async fn body_bytes(request: Request) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, &()).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })
 }
 
 pub(super) fn too_large() -> ApiError {

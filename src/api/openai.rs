@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::Event;
@@ -504,21 +503,8 @@ pub async fn chat_completions(State(s): State<Arc<AppState>>, request: Request) 
 }
 
 async fn read_body(s: &AppState, request: Request) -> Result<ChatRequest, ApiError> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > s.limits.max_body_bytes as u64) {
-        return Err(super::input::too_large());
-    }
-    let body = Bytes::from_request(request, &()).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            super::input::too_large()
-        } else {
-            ApiError::bad_request(e.body_text())
-        }
-    })?;
+    super::input::refuse_declared_length(&request, s.limits.max_body_bytes)?;
+    let body = super::input::body_bytes(request).await?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid chat completion request: {e}")))
 }
@@ -567,12 +553,7 @@ async fn chat(s: Arc<AppState>, request: Request) -> Result<Response, ApiError> 
     }
     let prompt_tokens = job.prompt_tokens;
     let collected = infer::collect(job, details);
-    let (seqs, tokens) = match deadline {
-        Some(d) => tokio::time::timeout_at(d, collected)
-            .await
-            .map_err(|_| ApiError::timeout())??,
-        None => collected.await?,
-    };
+    let (seqs, tokens) = infer::within(deadline, collected).await?;
     drop(guard);
     drop(permit);
     let choices = seqs
