@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::{Parser, Subcommand};
 
 use blip2_server::config::{DTypeName, LogFormat, QuantizeName, ServeArgs, ServerConfig};
@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the model over HTTP: POST /v1/caption, /v1/vqa (JSON or multipart, optional SSE
-    /// streaming), OpenAI's POST /v1/chat/completions and GET /v1/models, GET /health, /ready,
+    /// streaming), /v1/features, OpenAI's POST /v1/chat/completions and GET /v1/models, GET /health, /ready,
     /// /info, /metrics, /openapi.json, /docs.
     ///
     /// Settings come in layers: config/default.toml (compiled in) < --config FILE < BLIP2_<KEY>
@@ -191,28 +191,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Resolves `--model` and loads it on the CPU with the given dtype and image limits.
-fn load(
-    model: &str,
-    revision: &str,
-    dtype: DType,
-    quantize: QuantizeName,
-    limits: ImageLimits,
-) -> anyhow::Result<(ModelSource, Blip2Pipeline)> {
-    let options = LoadOptions {
-        dtype,
-        device: Device::Cpu,
-        limits,
-        quantize: quantize.quantization(),
-    };
-    let source = ModelSource::parse(model, Some(revision))?;
-    let pipeline = Blip2Pipeline::load(&source, &options)
-        .with_context(|| format!("loading model {}", source.describe()))?;
-    // The weights are in place: from here on, freed working memory stays in the process.
-    blip2_server::tuning::keep_freed_memory();
-    Ok((source, pipeline))
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(&args),
@@ -255,8 +233,8 @@ async fn serve_until_signal(config: ServerConfig) -> anyhow::Result<()> {
         },
     ));
     let load = {
-        let (config, startup) = (config.clone(), startup.clone());
-        tokio::task::spawn_blocking(move || load_for_serving(&source, &config, &startup))
+        let (options, startup) = (serve_load_options(&config), startup.clone());
+        tokio::task::spawn_blocking(move || load(&source, &options, Some(&startup)))
     };
     let pipeline = tokio::select! {
         loaded = load => loaded??,
@@ -280,24 +258,35 @@ async fn serve_until_signal(config: ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The checkpoint of `serve`, its progress reported to `startup` phase by phase.
-fn load_for_serving(
+/// Finds the checkpoint's files and loads it on the CPU; with `startup`, each phase and
+/// download is reported to it.
+fn load(
     source: &ModelSource,
-    config: &ServerConfig,
-    startup: &Arc<Startup>,
+    options: &LoadOptions,
+    startup: Option<&Arc<Startup>>,
 ) -> anyhow::Result<Blip2Pipeline> {
-    let files = ModelFiles::resolve_reporting(source, Some(startup.clone()))
-        .with_context(|| format!("loading model {}", source.describe()))?;
-    startup.phase("loading weights");
-    // Tests of the loading routes (and of balancers' handling of a loading replica) need a
-    // load that lasts: this stretches it. Not a setting: nothing else should use it.
-    if let Some(ms) = std::env::var("BLIP2_DEBUG_LOAD_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+    let context = || format!("loading model {}", source.describe());
+    let files = ModelFiles::resolve_reporting(source, startup.cloned()).with_context(context)?;
+    if let Some(startup) = startup {
+        startup.phase("loading weights");
+        // Tests of the loading routes (and of balancers' handling of a loading replica) need
+        // a load that lasts: this stretches it. Not a setting: nothing else should use it.
+        if let Some(ms) = std::env::var("BLIP2_DEBUG_LOAD_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
     }
-    let options = LoadOptions {
+    let pipeline = Blip2Pipeline::load_files(&files, options).with_context(context)?;
+    // The weights are in place: from here on, freed working memory stays in the process.
+    blip2_server::tuning::keep_freed_memory();
+    Ok(pipeline)
+}
+
+/// What `serve`'s settings ask of the loader.
+fn serve_load_options(config: &ServerConfig) -> LoadOptions {
+    LoadOptions {
         dtype: config.dtype.dtype(),
         device: Device::Cpu,
         limits: ImageLimits {
@@ -305,12 +294,7 @@ fn load_for_serving(
             max_pixels: config.max_image_pixels,
         },
         quantize: config.quantize.quantization(),
-    };
-    let pipeline = Blip2Pipeline::load_files(&files, &options)
-        .with_context(|| format!("loading model {}", source.describe()))?;
-    // The weights are in place: from here on, freed working memory stays in the process.
-    blip2_server::tuning::keep_freed_memory();
-    Ok(pipeline)
+    }
 }
 
 /// `generate`: one batch through the checkpoint, printed one line per sequence.
@@ -342,16 +326,17 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let started = std::time::Instant::now();
-    let (source, pipeline) = load(
-        &model,
-        &revision,
-        dtype.dtype(),
-        quantize,
-        ImageLimits {
+    let source = ModelSource::parse(&model, Some(&revision))?;
+    let options = LoadOptions {
+        dtype: dtype.dtype(),
+        device: Device::Cpu,
+        limits: ImageLimits {
             max_bytes: max_image_bytes,
             max_pixels: max_image_pixels,
         },
-    )?;
+        quantize: quantize.quantization(),
+    };
+    let pipeline = load(&source, &options, None)?;
     tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
     let params = GenerationOverrides::from(generation).apply(pipeline.default_params());
     params.validate()?;

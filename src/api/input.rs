@@ -86,10 +86,15 @@ fn embeds_of(b: EmbedsBody) -> Result<ImageSource, ApiError> {
     })
 }
 
+/// Whether `s` starts like an http(s) URL (schemes are case-insensitive).
+pub(super) fn is_http_url(s: &str) -> bool {
+    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
 /// `image`: an http(s) URL, else base64 or a `data:` URL.
 pub(super) fn image_source(image: &str, index: usize) -> Result<ImageSource, ApiError> {
-    let lower = image.get(..8).unwrap_or(image).to_ascii_lowercase();
-    if lower.starts_with("http://") || lower.starts_with("https://") {
+    if is_http_url(image) {
         return Ok(ImageSource::Url(image.to_string()));
     }
     decode_base64_image(image, index).map(ImageSource::Bytes)

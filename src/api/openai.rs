@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorParam};
 use super::infer::{self, Admitted, StreamFormat};
-use super::input::{image_source, Endpoint, ImageSource, Parameters};
+use super::input::{image_source, is_http_url, Endpoint, ImageSource, Parameters};
 use super::wire::TokenInfo;
 use super::AppState;
 use crate::generation::{FinishReason, GeneratedSequence, GenerationOverrides};
@@ -188,9 +188,7 @@ fn read_messages(messages: &[Message]) -> Result<(ImageSource, String, Option<St
 
 /// A `data:` URL's bytes, or an http(s) URL to fetch under the server's policy.
 fn image_bytes(url: &str, param: &str) -> Result<ImageSource, ApiError> {
-    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
-    if !url.starts_with("data:") && !lower.starts_with("http://") && !lower.starts_with("https://")
-    {
+    if !url.starts_with("data:") && !is_http_url(url) {
         return Err(invalid(
             param,
             "an image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL",

@@ -20,6 +20,17 @@ use crate::pipeline::Blip2Pipeline;
 /// One image's features: the shape without the batch dimension, and row-major values.
 type FeatureRow = (Vec<usize>, Vec<f32>);
 
+/// Row `i` of a batched tensor [B, ...] as a [`FeatureRow`] in f32.
+fn row(t: &Tensor, i: usize) -> Result<FeatureRow, EngineError> {
+    let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
+    let r = t.get(i).map_err(internal)?;
+    let values = r
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|r| r.flatten_all()?.to_vec1::<f32>())
+        .map_err(internal)?;
+    Ok((r.dims().to_vec(), values))
+}
+
 /// A request in the running batch, aligned with the batch's requests, in order.
 struct Running {
     events: mpsc::UnboundedSender<JobEvent>,
@@ -233,17 +244,6 @@ impl<'m> Worker<'m> {
             Tensor::from_vec(pixels.concat(), (pixels.len(), 3, height, width), &device)
                 .map_err(|e| e.to_string())
         };
-        let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
-        let rows = |t: &Tensor| -> Result<Vec<FeatureRow>, EngineError> {
-            let t = t.to_dtype(candle_core::DType::F32).map_err(internal)?;
-            let shape = t.dims()[1..].to_vec();
-            (0..t.dim(0).map_err(internal)?)
-                .map(|i| {
-                    let row = t.get(i).and_then(|r| r.flatten_all()?.to_vec1::<f32>());
-                    Ok((shape.clone(), row.map_err(internal)?))
-                })
-                .collect()
-        };
         if jobs
             .iter()
             .all(|j| j.features == Some(FeatureStage::Projected))
@@ -255,7 +255,7 @@ impl<'m> Worker<'m> {
                     Ok(f.map_err(|e| e.to_string())?.query_embeds)
                 })
                 .map_err(EngineError::Internal)?;
-            return rows(&embeds);
+            return (0..jobs.len()).map(|i| row(&embeds, i)).collect();
         }
         let pixels: Vec<&[f32]> = jobs.iter().map(|j| j.pixel_values.as_slice()).collect();
         let f = pipeline
@@ -265,28 +265,23 @@ impl<'m> Worker<'m> {
             .iter()
             .any(|j| j.features == Some(FeatureStage::VisionPooled))
         {
-            Some(rows(&pipeline.model.pooled_vision(&f.vision_states)?)?)
+            Some(pipeline.model.pooled_vision(&f.vision_states)?)
         } else {
             None
         };
-        let (vision, qformer, projected) = (
-            rows(&f.vision_states)?,
-            rows(&f.query_states)?,
-            rows(&f.query_embeds)?,
-        );
+        // Each job converts only its own row of the stage it asked for.
         jobs.iter()
             .enumerate()
             .map(|(i, j)| {
-                let stage = j.features.unwrap_or(FeatureStage::Projected);
-                Ok(match stage {
-                    FeatureStage::Vision => vision[i].clone(),
+                let stage = match j.features.unwrap_or(FeatureStage::Projected) {
+                    FeatureStage::Vision => &f.vision_states,
                     FeatureStage::VisionPooled => pooled
                         .as_ref()
-                        .map(|p| p[i].clone())
                         .ok_or_else(|| EngineError::Internal("no pooled output".into()))?,
-                    FeatureStage::QFormer => qformer[i].clone(),
-                    FeatureStage::Projected => projected[i].clone(),
-                })
+                    FeatureStage::QFormer => &f.query_states,
+                    FeatureStage::Projected => &f.query_embeds,
+                };
+                row(stage, i)
             })
             .collect()
     }
