@@ -90,6 +90,8 @@ pub struct ServerConfig {
     pub max_image_bytes: usize,
     pub max_image_pixels: u64,
     pub max_images_per_request: usize,
+    pub image_size: String,
+    pub max_image_side: usize,
     pub max_prompt_tokens: usize,
     pub max_new_tokens: usize,
     pub preprocess_workers: usize,
@@ -181,6 +183,16 @@ pub struct ServeArgs {
     #[arg(long, env = "BLIP2_MAX_IMAGES_PER_REQUEST")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_images_per_request: Option<usize>,
+    /// Size images are resized to, N or HxW (multiples of the patch size; the position
+    /// embeddings are interpolated); empty = the checkpoint's [default: empty].
+    #[arg(long, env = "BLIP2_IMAGE_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<String>,
+    /// Largest image side, in pixels, that image_size (this setting or a request's field) may
+    /// ask for [default: 448].
+    #[arg(long, env = "BLIP2_MAX_IMAGE_SIDE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_image_side: Option<usize>,
     /// Longest prompt, in tokens [default: 512].
     #[arg(long, env = "BLIP2_MAX_PROMPT_TOKENS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -331,7 +343,8 @@ impl ServerConfig {
                 "no model given: pass --model <dir|hub-id>, BLIP2_MODEL, or `model` in a --config file",
             ));
         }
-        let at_least_one: [(&'static str, usize); 7] = [
+        let at_least_one: [(&'static str, usize); 8] = [
+            ("max_image_side", self.max_image_side),
             ("max_batch_size", self.max_batch_size),
             ("max_batch_tokens", self.max_batch_tokens),
             ("max_queue", self.max_queue),
@@ -343,6 +356,18 @@ impl ServerConfig {
         for (key, value) in at_least_one {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if let Some(size) = self.default_image_size() {
+            let size = size.map_err(|e| invalid("image_size", e))?;
+            if size.height.max(size.width) > self.max_image_side {
+                return Err(invalid(
+                    "image_size",
+                    format!(
+                        "{size} has a side over max_image_side ({})",
+                        self.max_image_side
+                    ),
+                ));
             }
         }
         if self.image_url_timeout_s == 0 {
@@ -408,6 +433,12 @@ impl ServerConfig {
 }
 
 impl ServerConfig {
+    /// `image_size` when set (empty: the checkpoint's), parsed.
+    pub fn default_image_size(&self) -> Option<Result<crate::preprocess::ImageSize, String>> {
+        let text = self.image_size.trim();
+        (!text.is_empty()).then(|| crate::preprocess::ImageSize::parse(text))
+    }
+
     /// The `vqa_template_<model_type>` keys, by model type.
     pub fn vqa_templates(&self) -> std::collections::BTreeMap<String, String> {
         [
@@ -467,6 +498,8 @@ mod tests {
             max_image_bytes: Some(0),
             max_image_pixels: Some(0),
             max_images_per_request: Some(0),
+            image_size: Some(String::new()),
+            max_image_side: Some(0),
             max_prompt_tokens: Some(0),
             max_new_tokens: Some(0),
             preprocess_workers: Some(0),
@@ -622,6 +655,23 @@ mod tests {
         assert!(zero.to_string().contains("max_batch_size"), "{zero}");
         let no_model = ServerConfig::load(&ServeArgs::default()).unwrap_err();
         assert!(no_model.to_string().contains("--model"), "{no_model}");
+        for bad in ["0", "12x", "500x14"] {
+            let size = ServerConfig::load(&ServeArgs {
+                image_size: Some(bad.into()),
+                ..base()
+            })
+            .unwrap_err();
+            assert!(size.to_string().contains("image_size"), "{bad}: {size}");
+        }
+        let ok = ServerConfig::load(&ServeArgs {
+            image_size: Some("224x448".into()),
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(
+            ok.default_image_size(),
+            Some(Ok(crate::preprocess::ImageSize::new(224, 448)))
+        );
         let template = ServerConfig::load(&ServeArgs {
             vqa_template_t5: Some("no placeholder".into()),
             ..base()

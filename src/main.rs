@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use blip2_server::config::{DTypeName, LogFormat, QuantizeName, ServeArgs, ServerConfig};
 use blip2_server::generation::GenerationOverrides;
 use blip2_server::model::{ModelFiles, ModelSource};
-use blip2_server::preprocess::ImageLimits;
+use blip2_server::preprocess::{ImageLimits, ImageSize};
 use blip2_server::server::ServeOptions;
 use blip2_server::startup::Startup;
 use blip2_server::{Blip2Pipeline, LoadOptions, PipelineError};
@@ -39,9 +39,10 @@ enum Command {
     /// underscores) and the file documents each one. SIGTERM/SIGINT turn /ready to 503 while
     /// still serving for shutdown_delay_s, then stop accepting, give in-flight requests
     /// shutdown_grace_s to finish, and exit 0.
-    Serve(ServeArgs),
+    // Boxed: the flag structs differ in size, and the enum is built once.
+    Serve(Box<ServeArgs>),
     /// Caption images or answer a prompt about them (greedy decoding), as one batch.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Ask a server on this host whether it is ready (GET /ready): exit 0 on 200, else 1 with
     /// the reason. For a container HEALTHCHECK, which then needs no curl in the image.
     Health(HealthArgs),
@@ -90,6 +91,11 @@ struct GenerateArgs {
     /// smaller, not exact to the reference).
     #[arg(long, value_enum, default_value = "none")]
     quantize: QuantizeName,
+    /// Resize images to N or HxW pixels (multiples of the patch size) instead of the
+    /// checkpoint's size; the position embeddings are interpolated as transformers'
+    /// interpolate_pos_encoding=True does.
+    #[arg(long, value_parser = ImageSize::parse)]
+    image_size: Option<ImageSize>,
     /// Largest accepted image file, in bytes.
     #[arg(long, default_value_t = ImageLimits::default().max_bytes)]
     max_image_bytes: usize,
@@ -194,7 +200,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(&args),
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::Health(args) => health(&args),
     }
 }
@@ -308,6 +314,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         json,
         dtype,
         quantize,
+        image_size,
         max_image_bytes,
         max_image_pixels,
     } = args;
@@ -336,8 +343,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
         quantize: quantize.quantization(),
     };
-    let pipeline = load(&source, &options, None)?;
+    let mut pipeline = load(&source, &options, None)?;
     tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+    if let Some(size) = image_size {
+        // A local run is trusted with any size; the server bounds it (max_image_side).
+        pipeline
+            .resize_images_to(size, usize::MAX)
+            .context("--image-size")?;
+    }
     let params = GenerationOverrides::from(generation).apply(pipeline.default_params());
     params.validate()?;
     let started = std::time::Instant::now();

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use crate::generation::{DecodeBatch, GeneratedSequence, GenerationParams, SequenceRequest};
 use crate::model::{Blip2Model, ModelError, ModelFiles, ModelSource};
 use crate::nn::Quantization;
-use crate::preprocess::{ImageLimits, ImageProcessor, PreprocessError};
+use crate::preprocess::{ImageLimits, ImageProcessor, ImageSize, PreprocessError};
 use crate::prompt::{PromptBuilder, PromptError};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,27 @@ impl Default for LoadOptions {
             quantize: None,
         }
     }
+}
+
+/// Whether the vision encoder takes images of `size`: each side a multiple of the patch size
+/// (the patch embedding drops no pixels) and at most `max_side` (the encoder's cost grows with
+/// the square of the patch count).
+pub fn check_image_size(size: ImageSize, patch_size: usize, max_side: usize) -> Result<(), String> {
+    let ImageSize { height, width } = size;
+    if height == 0 || width == 0 {
+        return Err(format!("image size {size}: sides must be positive"));
+    }
+    if !height.is_multiple_of(patch_size) || !width.is_multiple_of(patch_size) {
+        return Err(format!(
+            "image size {size}: height and width must be multiples of the patch size {patch_size}"
+        ));
+    }
+    if height.max(width) > max_side {
+        return Err(format!(
+            "image size {size}: a side is over this server's limit of {max_side} (max_image_side)"
+        ));
+    }
+    Ok(())
 }
 
 /// The answer(s) for one image: one sequence, or `num_return_sequences` of them.
@@ -87,6 +108,19 @@ impl Blip2Pipeline {
             images,
             prompts,
         })
+    }
+
+    /// Resize every image to `size` instead of the processor's size; the vision encoder
+    /// interpolates its position embeddings (transformers' `interpolate_pos_encoding=True`).
+    pub fn resize_images_to(
+        &mut self,
+        size: ImageSize,
+        max_side: usize,
+    ) -> Result<(), PipelineError> {
+        check_image_size(size, self.model.config.vision.patch_size, max_side)
+            .map_err(PipelineError::Input)?;
+        self.images = self.images.at_size(size);
+        Ok(())
     }
 
     /// Generation settings when a request gives none: transformers' defaults with the

@@ -30,6 +30,10 @@ pub struct ServeOptions {
     pub max_concurrent_requests: usize,
     pub request_timeout: Option<Duration>,
     pub max_images_per_request: usize,
+    /// Resize images to this size instead of the checkpoint's (`image_size`).
+    pub image_size: Option<crate::preprocess::ImageSize>,
+    /// Largest side a request's `image_size` may ask for.
+    pub max_image_side: usize,
     pub max_prompt_tokens: usize,
     pub max_new_tokens: usize,
     /// Images decoded at once (a bounded pool off the async runtime).
@@ -61,6 +65,9 @@ impl ServeOptions {
             request_timeout: (c.request_timeout_s > 0)
                 .then(|| Duration::from_secs(c.request_timeout_s)),
             max_images_per_request: c.max_images_per_request,
+            // Validated with the rest of the settings.
+            image_size: c.default_image_size().and_then(Result::ok),
+            max_image_side: c.max_image_side,
             max_prompt_tokens: c.max_prompt_tokens,
             max_new_tokens: c.max_new_tokens,
             preprocess_workers: c.preprocess_workers,
@@ -99,6 +106,8 @@ pub enum ServeError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     OpenApi(String),
+    #[error("invalid setting `image_size`: {0}")]
+    ImageSize(String),
 }
 
 /// The device as `/info` reports it ("cpu", "cuda:0", "metal:0").
@@ -130,6 +139,9 @@ fn static_info(
         max_concurrent_requests: options.max_concurrent_requests,
         max_body_bytes: options.max_body_bytes,
         max_images_per_request: options.max_images_per_request,
+        image_size: [pipeline.images.height, pipeline.images.width],
+        max_image_side: options.max_image_side,
+        patch_size: pipeline.model.config.vision.patch_size,
         max_prompt_tokens: options.max_prompt_tokens,
         max_new_tokens: options.max_new_tokens,
         request_timeout_s: options.request_timeout.map(|t| t.as_secs()),
@@ -139,11 +151,16 @@ fn static_info(
 }
 
 pub async fn run(
-    pipeline: Blip2Pipeline,
+    mut pipeline: Blip2Pipeline,
     options: ServeOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    if let Some(size) = options.image_size {
+        pipeline
+            .resize_images_to(size, options.max_image_side)
+            .map_err(|e| ServeError::ImageSize(e.to_string()))?;
+    }
     let images = pipeline.images.clone();
     let prompts = pipeline.prompts.clone();
     let defaults = pipeline.default_params();
@@ -161,6 +178,8 @@ pub async fn run(
         max_batch_tokens: options.engine.max_batch_tokens,
         num_query_tokens: pipeline.model.config.num_query_tokens,
         lm_hidden_size: pipeline.model.config.text.hidden_size(),
+        patch_size: pipeline.model.config.vision.patch_size,
+        max_image_side: options.max_image_side,
         max_positions: lm.position_limit(),
         request_timeout: options.request_timeout,
     };

@@ -106,6 +106,68 @@ fn generate_json_matches_reference_t5() {
     cli_matches_golden("t5-tiny-legacy");
 }
 
+/// `--image-size`: the batch cases of golden/sizes.json (transformers' `generate(...,
+/// interpolate_pos_encoding=True)`, tools/make_size_goldens.py) token for token; a size the
+/// patch grid cannot take is one clear line.
+#[test]
+fn generate_image_size_matches_reference() {
+    for model in ["opt-tiny", "t5-tiny"] {
+        let dir = model_dir(model);
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden/sizes.json")).unwrap())
+                .unwrap();
+        let max_new = index["max_new_tokens"].to_string();
+        let mut checked = 0;
+        for case in index["cases"].as_array().unwrap() {
+            if case["kind"] != "batch" {
+                continue;
+            }
+            let size = format!("{}x{}", case["size"][0], case["size"][1]);
+            let images: Vec<String> = case["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| image_path(i.as_str().unwrap()).display().to_string())
+                .collect();
+            let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
+            for img in &images {
+                args.extend(["--image", img.as_str()]);
+            }
+            args.extend([
+                "--image-size",
+                &size,
+                "--max-new-tokens",
+                &max_new,
+                "--json",
+            ]);
+            let lines = json_lines(&blip2(&args));
+            let got: Vec<Vec<u32>> = lines.iter().map(token_ids).collect();
+            let want: Vec<Vec<u32>> = serde_json::from_value(case["tokens"].clone()).unwrap();
+            assert_eq!(got, want, "{model} {size}");
+            checked += 1;
+        }
+        assert_eq!(checked, 2, "{model}: both sizes");
+    }
+    let model = model_dir("opt-tiny");
+    let image = image_path("photo_320x240.jpg");
+    let run = |size: &str| {
+        blip2(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--image-size",
+            size,
+        ])
+    };
+    assert_clean_error(&run("20"), "multiples of the patch size 7");
+    // Unparseable: clap's usage error (exit 2), naming the flag.
+    let out = run("0");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--image-size"));
+}
+
 /// Asserts a clean failure: non-zero exit, exactly one line on stderr containing `needle`.
 fn assert_clean_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -1718,3 +1718,267 @@ async fn features_equal_the_reference_at_every_stage() {
         s.stop().await;
     }
 }
+
+/// The other-size goldens of one fixture (golden/sizes.*, written by tools/make_size_goldens.py).
+struct SizeGoldens {
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    index: Value,
+}
+
+fn size_goldens(model: &str) -> SizeGoldens {
+    let dir = model_dir(model).join("golden");
+    SizeGoldens {
+        tensors: candle_core::safetensors::load(
+            dir.join("sizes.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+        index: serde_json::from_str(&std::fs::read_to_string(dir.join("sizes.json")).unwrap())
+            .unwrap(),
+    }
+}
+
+impl SizeGoldens {
+    fn cases(&self) -> impl Iterator<Item = &Value> {
+        self.index["cases"].as_array().unwrap().iter()
+    }
+    fn max_new_tokens(&self) -> u64 {
+        self.index["max_new_tokens"].as_u64().unwrap()
+    }
+}
+
+fn tokens_of(v: &Value) -> Vec<Vec<u32>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// `image_size` (transformers' `interpolate_pos_encoding=True`): at a larger square size and a
+/// non-square one, every /v1/features stage equals `get_image_features` within 1e-4 (f32) and
+/// greedy tokens equal `generate(..., interpolate_pos_encoding=True)` exactly, alone, batched,
+/// and batched with requests of other sizes; multipart and chat take it too; bad sizes are a
+/// 422 (400 on the OpenAI route).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_image_sizes_equal_the_reference() {
+    for model in ["opt-tiny", "t5-tiny"] {
+        let g = size_goldens(model);
+        let s = Server::start_model(model, ServeOptions::default()).await;
+        let info = s.info().await;
+        assert_eq!(info["image_size"], json!([28, 28]), "{info}");
+        assert_eq!(
+            (info["patch_size"].as_u64(), info["max_image_side"].as_u64()),
+            (Some(7), Some(448))
+        );
+        let (mut checked, mut worst) = (0, 0f32);
+        for size in g.index["sizes"].as_array().unwrap() {
+            let tag = format!("{}x{}", size[0], size[1]);
+            for name in g.index["images"].as_array().unwrap() {
+                let name = name.as_str().unwrap();
+                let stem = name.rsplit_once('.').unwrap().0;
+                for stage in ["vision", "vision_pooled", "qformer", "projected"] {
+                    let (status, f) = s
+                        .json(
+                            "/v1/features",
+                            json!({"image": b64(&image(name)), "stage": stage, "image_size": size}),
+                        )
+                        .await;
+                    assert_eq!(status, 200, "{model} {name} {tag} {stage}: {f}");
+                    let want = &g.tensors[&format!("{stem}@{tag}.{stage}")];
+                    let shape: Vec<usize> = serde_json::from_value(f["shape"].clone()).unwrap();
+                    assert_eq!(shape, want.dims(), "{model} {name} {tag} {stage}");
+                    let data: Vec<f32> = serde_json::from_value(f["data"].clone()).unwrap();
+                    let ours = candle_core::Tensor::from_vec(
+                        data,
+                        shape.as_slice(),
+                        &candle_core::Device::Cpu,
+                    )
+                    .unwrap();
+                    let what = format!("{model} {name} {tag} {stage}");
+                    worst = worst.max(assert_close(&what, &ours, want, 1e-4));
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 3 * 4, "{model}: every size, image and stage");
+        eprintln!("{model}: features at other sizes, max |ours - reference| = {worst:e}");
+        let params = json!({"max_new_tokens": g.max_new_tokens()});
+        let body = |case: &Value| {
+            let images: Vec<String> = case["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| b64(&image(n.as_str().unwrap())))
+                .collect();
+            let mut body = json!({"image_size": case["size"], "parameters": params});
+            if case["kind"] == "batch" {
+                body["images"] = json!(images);
+            } else {
+                body["image"] = json!(images[0]);
+            }
+            if !case["prompt"].is_null() {
+                body["prompt"] = case["prompt"].clone();
+            }
+            body
+        };
+        let answered = |case: &Value, v: &Value| -> Vec<Vec<u32>> {
+            if case["kind"] == "batch" {
+                v["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| ids(&r["token_ids"]))
+                    .collect()
+            } else {
+                vec![ids(&v["token_ids"])]
+            }
+        };
+        for case in g.cases() {
+            let (status, v) = s.json("/v1/caption", body(case)).await;
+            assert_eq!(status, 200, "{model} {}: {v}", case["name"]);
+            assert_eq!(
+                answered(case, &v),
+                tokens_of(&case["tokens"]),
+                "{model} {}",
+                case["name"]
+            );
+        }
+        // All cases at once: batched together across sizes (and with a checkpoint-size
+        // request), each answers as alone.
+        let plain = json!({"image": b64(&image("photo_320x240.jpg")), "parameters": params});
+        let (_, plain_alone) = s.json("/v1/caption", plain.clone()).await;
+        let cases: Vec<&Value> = g.cases().collect();
+        let runs = cases.iter().map(|c| s.json("/v1/caption", body(c)));
+        let (together, (_, plain_together)) = tokio::join!(
+            futures_util::future::join_all(runs),
+            s.json("/v1/caption", plain)
+        );
+        for (case, (status, v)) in cases.iter().zip(&together) {
+            assert_eq!(*status, 200, "{model} {}: {v}", case["name"]);
+            assert_eq!(
+                answered(case, v),
+                tokens_of(&case["tokens"]),
+                "{model} {} batched",
+                case["name"]
+            );
+        }
+        assert_eq!(
+            ids(&plain_together["token_ids"]),
+            ids(&plain_alone["token_ids"]),
+            "{model}: the checkpoint's size"
+        );
+        // Multipart ("HxW") and chat (an extra field) take the same size.
+        let single = cases
+            .iter()
+            .find(|c| {
+                c["kind"] == "single" && c["prompt"].is_null() && c["size"][0] != c["size"][1]
+            })
+            .unwrap();
+        let size = format!("{}x{}", single["size"][0], single["size"][1]);
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "image",
+                reqwest::multipart::Part::bytes(image(single["images"][0].as_str().unwrap())),
+            )
+            .text("image_size", size.clone())
+            .text("max_new_tokens", g.max_new_tokens().to_string());
+        let r = s.post("/v1/caption").multipart(form).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            vec![ids(&v["token_ids"])],
+            tokens_of(&single["tokens"]),
+            "{model} multipart {size}"
+        );
+        let url = format!(
+            "data:image/png;base64,{}",
+            b64(&image(single["images"][0].as_str().unwrap()))
+        );
+        let (status, chat) = s
+            .json(
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+                       "max_tokens": g.max_new_tokens(), "image_size": single["size"]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{chat}");
+        assert_eq!(
+            chat["choices"][0]["message"]["content"], v["text"],
+            "{model} chat {size}"
+        );
+        // Bad sizes.
+        let img = b64(&image("photo_320x240.jpg"));
+        for (route, size, want) in [
+            ("/v1/caption", json!(20), 422),
+            ("/v1/caption", json!([21, 36]), 422),
+            ("/v1/caption", json!(455), 422),
+            ("/v1/caption", json!([0, 7]), 422),
+            ("/v1/caption", json!("28"), 422),
+            ("/v1/caption", json!([7, 7, 7]), 422),
+            ("/v1/features", json!(20), 422),
+            ("/v1/vqa", json!(13), 422),
+        ] {
+            let mut body = json!({"image": img, "image_size": size});
+            if route == "/v1/vqa" {
+                body["question"] = json!("what?");
+            }
+            let (status, e) = s.json(route, body).await;
+            assert_eq!(status, want, "{route} {size}: {e}");
+            assert!(
+                e["error"].as_str().unwrap().contains("image_size")
+                    || e["error"].as_str().unwrap().contains("image size"),
+                "{e}"
+            );
+        }
+        let (_, embeds) = s.json("/v1/features", json!({"image": img})).await;
+        let (status, e) = s
+            .json(
+                "/v1/caption",
+                json!({"image_embeds": embeds, "image_size": 21}),
+            )
+            .await;
+        assert_eq!(status, 422, "{e}");
+        let (status, e) = s
+            .json(
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}], "image_size": 20}),
+            )
+            .await;
+        assert_eq!(
+            (status, e["error"]["param"].as_str()),
+            (400, Some("image_size")),
+            "{e}"
+        );
+        s.stop().await;
+    }
+    // The server's own size (the `image_size` setting): plain requests get it.
+    let g = size_goldens("opt-tiny");
+    let case = g
+        .cases()
+        .find(|c| c["kind"] == "batch" && c["size"] == json!([21, 35]))
+        .unwrap();
+    let options = ServeOptions {
+        image_size: Some(blip2_server::preprocess::ImageSize::new(21, 35)),
+        ..ServeOptions::default()
+    };
+    let s = Server::start_model("opt-tiny", options).await;
+    assert_eq!(s.info().await["image_size"], json!([21, 35]));
+    let images: Vec<String> = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| b64(&image(n.as_str().unwrap())))
+        .collect();
+    let (status, v) = s
+        .json(
+            "/v1/caption",
+            json!({"images": images, "parameters": {"max_new_tokens": g.max_new_tokens()}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let got: Vec<Vec<u32>> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ids(&r["token_ids"]))
+        .collect();
+    assert_eq!(got, tokens_of(&case["tokens"]));
+    s.stop().await;
+}

@@ -3,8 +3,8 @@
 //! `vision_pooled` (its `pooler_output` [Dv]), `qformer` (the Q-Former's `last_hidden_state`
 //! [queries, Dq]) or `projected` (the language projection of it [queries, D_lm], what the
 //! language model is conditioned on; served from the vision cache when the image was seen).
-//! JSON `{image | images, stage, encoding_format: float | base64}` or multipart (`image` file
-//! fields, `stage` and `encoding_format` form fields). Jobs run on the model thread between
+//! JSON `{image | images, stage, encoding_format: float | base64, image_size}` or multipart
+//! (`image` file fields, `stage`, `encoding_format` and `image_size` form fields). Jobs run on the model thread between
 //! decode steps, batched with each other.
 //!
 //! May use: the native handlers' steps (`infer`), the input readers. May not touch: the model.
@@ -23,6 +23,7 @@ use super::infer::{self, Admitted, Submitted};
 use super::input::{self, image_source, too_large, ImageSource};
 use super::AppState;
 use crate::engine::{FeatureStage, Job, JobEvent};
+use crate::preprocess::ImageSize;
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -84,6 +85,8 @@ struct FeaturesBody {
     stage: Stage,
     #[serde(default)]
     encoding_format: Encoding,
+    #[serde(default)]
+    image_size: Option<ImageSize>,
 }
 
 struct FeaturesInput {
@@ -91,6 +94,7 @@ struct FeaturesInput {
     many: bool,
     stage: Stage,
     encoding: Encoding,
+    image_size: Option<ImageSize>,
 }
 
 /// Row-major f32 values, as numbers or as base64 of their little-endian bytes.
@@ -147,6 +151,7 @@ async fn read(s: &AppState, request: Request) -> Result<FeaturesInput, ApiError>
         many,
         stage: b.stage,
         encoding: b.encoding_format,
+        image_size: b.image_size,
     })
 }
 
@@ -159,6 +164,7 @@ async fn read_multipart(mut multipart: Multipart) -> Result<FeaturesInput, ApiEr
         }
     };
     let (mut images, mut stage, mut encoding) = (Vec::new(), Stage::default(), Encoding::default());
+    let mut image_size = None;
     while let Some(field) = multipart.next_field().await.map_err(error)? {
         match field.name().unwrap_or_default() {
             "image" | "images" => {
@@ -173,9 +179,13 @@ async fn read_multipart(mut multipart: Multipart) -> Result<FeaturesInput, ApiEr
             }
             "stage" => stage = Stage::parse(&field.text().await.map_err(error)?)?,
             "encoding_format" => encoding = Encoding::parse(&field.text().await.map_err(error)?)?,
+            "image_size" => {
+                let text = field.text().await.map_err(error)?;
+                image_size = Some(ImageSize::parse(&text).map_err(ApiError::validation)?);
+            }
             other => {
                 return Err(ApiError::validation(format!(
-                    "unknown field `{other}`: expected image, stage, encoding_format"
+                    "unknown field `{other}`: expected image, stage, encoding_format, image_size"
                 )))
             }
         }
@@ -188,6 +198,7 @@ async fn read_multipart(mut multipart: Multipart) -> Result<FeaturesInput, ApiEr
         images,
         stage,
         encoding,
+        image_size,
     })
 }
 
@@ -208,12 +219,17 @@ async fn handle(s: Arc<AppState>, request: Request) -> Result<Response, ApiError
     if n == 0 {
         return Err(ApiError::validation("`images` is empty"));
     }
+    let image_size = infer::checked_image_size(&s, input.image_size)?;
     let images = infer::load_images(&s, input.images).await?;
-    let pixels = infer::preprocess_all(&s, images).await?;
+    let pixels = infer::preprocess_all(&s, images, image_size).await?;
     let stage = input.stage.engine();
     let jobs = pixels
         .into_iter()
-        .map(|p| (Job::features(p, stage), 0))
+        .map(|p| {
+            let (mut job, rx) = Job::features(p, stage);
+            job.image_size = image_size;
+            ((job, rx), 0)
+        })
         .collect();
     let submitted = infer::enqueue(&s, jobs)?;
     drop(incoming);

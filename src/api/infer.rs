@@ -22,7 +22,8 @@ use super::wire::{GenerationResult, Results, TextField, TokenEvent, TokenInfo};
 use super::{AppState, Limits};
 use crate::engine::{job_tokens, Incoming, Job, JobEvent, SubmitError};
 use crate::generation::{GeneratedSequence, GenerationParams};
-use crate::preprocess::PreprocessError;
+use crate::pipeline::check_image_size;
+use crate::preprocess::{ImageSize, PreprocessError};
 use crate::prompt::Prompt;
 
 pub async fn caption(State(s): State<Arc<AppState>>, request: Request) -> Response {
@@ -114,8 +115,10 @@ async fn handle(
         parameters,
         stream,
         many,
+        image_size,
     } = input::read(endpoint, request, s.limits.max_body_bytes).await?;
     let stream = stream || stream_header;
+    let image_size = checked_image_size(&s, image_size)?;
     let details = parameters.details;
     let (prompts, params) = if questions.is_empty() {
         let (prompt, params) =
@@ -125,6 +128,11 @@ async fn handle(
         checked_questions(&s, questions, parameters, stream)?
     };
     let submitted = if let Some(embeds) = given_embeds(&s, &images)? {
+        if image_size.is_some() {
+            return Err(ApiError::validation(
+                "image_size resizes an image: it does not apply to image_embeds",
+            ));
+        }
         let jobs = prompts
             .into_iter()
             .map(|prompt| {
@@ -137,7 +145,7 @@ async fn handle(
         enqueue(&s, jobs)?
     } else {
         let images = load_images(&s, images).await?;
-        let mut pixels = preprocess_all(&s, images).await?;
+        let mut pixels = preprocess_all(&s, images, image_size).await?;
         // Several questions about one image: one job each, the same pixels (the vision
         // encoder runs once: identical images admitted together share it, later ones hit the
         // cache).
@@ -145,7 +153,12 @@ async fn handle(
             let one = pixels.pop().ok_or_else(|| ApiError::internal("no image"))?;
             pixels = vec![one; prompts.len()];
         }
-        submit(&s, pixels.into_iter().zip(prompts).collect(), &params)?
+        submit(
+            &s,
+            pixels.into_iter().zip(prompts).collect(),
+            &params,
+            image_size,
+        )?
     };
     drop(incoming);
     let guard = cancel_guard(&submitted);
@@ -312,6 +325,18 @@ fn check_budgets(
     Ok(())
 }
 
+/// A request's `image_size`, once the vision encoder takes it (multiples of the patch size,
+/// within `max_image_side`); `None` when it asks for none (the server's size).
+pub(super) fn checked_image_size(
+    s: &AppState,
+    size: Option<ImageSize>,
+) -> Result<Option<ImageSize>, ApiError> {
+    let Some(size) = size else { return Ok(None) };
+    check_image_size(size, s.limits.patch_size, s.limits.max_image_side)
+        .map_err(ApiError::validation)?;
+    Ok((size != s.images.size()).then_some(size))
+}
+
 /// `image_embeds` in place of an image: its values, once their shape is the model's
 /// [num_query_tokens, D_lm].
 fn given_embeds(s: &AppState, images: &[ImageSource]) -> Result<Option<Vec<f32>>, ApiError> {
@@ -375,6 +400,7 @@ pub(super) async fn load_images(
 pub(super) async fn preprocess_all(
     s: &Arc<AppState>,
     images: Vec<Vec<u8>>,
+    size: Option<ImageSize>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
     let tasks = images.into_iter().enumerate().map(|(index, bytes)| {
         let s = s.clone();
@@ -384,7 +410,10 @@ pub(super) async fn preprocess_all(
                 .acquire()
                 .await
                 .map_err(|_| ApiError::unavailable("shutting down"))?;
-            let processor = s.images.clone();
+            let processor = match size {
+                Some(size) => s.images.at_size(size),
+                None => s.images.clone(),
+            };
             let started = Instant::now();
             let result = tokio::task::spawn_blocking(move || processor.pixel_values(&bytes))
                 .await
@@ -409,21 +438,21 @@ fn image_error(index: usize, e: PreprocessError) -> ApiError {
     ApiError::new(status, kind, format!("image {index}: {e}"))
 }
 
-/// Submits one job per (image, prompt); all or none (a full queue cancels those already
-/// queued).
+/// Submits one job per (image, prompt), the images at `size` (`None`: the server's); all or
+/// none (a full queue cancels those already queued).
 pub(super) fn submit(
     s: &Arc<AppState>,
     jobs: Vec<(Vec<f32>, Prompt)>,
     params: &crate::generation::GenerationParams,
+    size: Option<ImageSize>,
 ) -> Result<Vec<Submitted>, ApiError> {
     let jobs = jobs
         .into_iter()
         .map(|(pixel_values, prompt)| {
             let prompt_tokens = prompt.text_ids.len();
-            (
-                Job::new(pixel_values, prompt, params.clone()),
-                prompt_tokens,
-            )
+            let (mut job, rx) = Job::new(pixel_values, prompt, params.clone());
+            job.image_size = size;
+            ((job, rx), prompt_tokens)
         })
         .collect();
     enqueue(s, jobs)

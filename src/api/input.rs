@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::error::ApiError;
 use crate::generation::GenerationOverrides;
+use crate::preprocess::ImageSize;
 
 /// An image as the request gave it.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +112,9 @@ pub struct Input {
     pub stream: bool,
     /// `images: [...]` was used (the answer is a `results` list, even for one image).
     pub many: bool,
+    /// `image_size`: resize to this instead of the server's size (checked later, with the
+    /// model's patch size and the server's `max_image_side`).
+    pub image_size: Option<ImageSize>,
 }
 
 /// `parameters`: the decoding settings, plus `details` (HTTP only: each generated token's
@@ -149,6 +153,8 @@ struct CaptionBody {
     #[serde(default)]
     image: Option<String>,
     #[serde(default)]
+    image_size: Option<ImageSize>,
+    #[serde(default)]
     image_embeds: Option<EmbedsBody>,
     #[serde(default)]
     images: Option<Vec<String>>,
@@ -165,6 +171,8 @@ struct CaptionBody {
 struct VqaBody {
     #[serde(default)]
     image: Option<String>,
+    #[serde(default)]
+    image_size: Option<ImageSize>,
     #[serde(default)]
     image_embeds: Option<EmbedsBody>,
     #[serde(default)]
@@ -260,6 +268,7 @@ fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, Api
                 parameters: b.parameters.unwrap_or_default(),
                 stream: b.stream.unwrap_or(false),
                 many,
+                image_size: b.image_size,
             }
         }
         Endpoint::Vqa => {
@@ -290,6 +299,7 @@ fn from_value(endpoint: Endpoint, value: serde_json::Value) -> Result<Input, Api
                 questions,
                 parameters: b.parameters.unwrap_or_default(),
                 stream: b.stream.unwrap_or(false),
+                image_size: b.image_size,
             }
         }
     };
@@ -402,6 +412,8 @@ async fn read_multipart(endpoint: Endpoint, mut multipart: Multipart) -> Result<
                 let text = field.text().await.map_err(multipart_error)?;
                 if name == endpoint.text_field() {
                     fields.insert(name, serde_json::Value::String(text));
+                } else if name == "image_size" {
+                    fields.insert(name, image_size_field(&text)?);
                 } else if name == "stream" {
                     let value = parse_bool(&text).ok_or_else(|| {
                         ApiError::validation(format!("stream must be true or false, got {text:?}"))
@@ -464,6 +476,17 @@ fn add_parameter_field(
         }
     }
     parameters.insert(name, value);
+}
+
+/// A form field `image_size`: "N" or "HxW", as the JSON value the body schema takes.
+pub(super) fn image_size_field(text: &str) -> Result<serde_json::Value, ApiError> {
+    let size = ImageSize::parse(text).map_err(ApiError::validation)?;
+    let side = |n: usize| serde_json::Value::from(n);
+    Ok(if text.contains(['x', 'X']) {
+        serde_json::Value::Array(vec![side(size.height), side(size.width)])
+    } else {
+        side(size.height)
+    })
 }
 
 fn parse_bool(text: &str) -> Option<bool> {

@@ -51,6 +51,10 @@ pub struct Limits {
     pub num_query_tokens: usize,
     /// The language model's width: `image_embeds` are [num_query_tokens, lm_hidden_size].
     pub lm_hidden_size: usize,
+    /// The vision encoder's patch side: a request's `image_size` must be a multiple of it.
+    pub patch_size: usize,
+    /// Largest side a request's `image_size` may ask for.
+    pub max_image_side: usize,
     /// OPT's learned positions: query + prompt + new tokens must fit (T5 has no such limit).
     pub max_positions: Option<usize>,
     pub request_timeout: Option<Duration>,

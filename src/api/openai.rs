@@ -25,6 +25,7 @@ use super::input::{image_source, is_http_url, Endpoint, ImageSource, Parameters}
 use super::wire::TokenInfo;
 use super::AppState;
 use crate::generation::{FinishReason, GeneratedSequence, GenerationOverrides};
+use crate::preprocess::ImageSize;
 
 // --- request --------------------------------------------------------------------------------
 
@@ -112,6 +113,9 @@ struct ChatRequest {
     no_repeat_ngram_size: Option<usize>,
     #[serde(default)]
     min_tokens: Option<usize>,
+    /// Not OpenAI's: the size the image is resized to, as on the native routes.
+    #[serde(default)]
+    image_size: Option<ImageSize>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
 }
@@ -130,6 +134,7 @@ struct ChatInput {
     parameters: Parameters,
     stream: bool,
     include_usage: bool,
+    image_size: Option<ImageSize>,
 }
 
 /// The one image of the conversation and the last user message's text.
@@ -276,6 +281,7 @@ impl ChatRequest {
                 .stream_options
                 .map(|o| o.include_usage)
                 .unwrap_or(false),
+            image_size: self.image_size,
         })
     }
 }
@@ -522,14 +528,16 @@ async fn chat(s: Arc<AppState>, request: Request) -> Result<Response, ApiError> 
     };
     let (prompt, params) =
         infer::checked_request(&s, endpoint, 1, input.text, input.parameters, input.stream)?;
+    let image_size = infer::checked_image_size(&s, input.image_size)
+        .map_err(|e| invalid("image_size", e.message))?;
     let images = infer::load_images(&s, vec![input.image])
         .await
         .map_err(|e| e.with_param(&input.image_param))?;
-    let pixels = infer::preprocess_all(&s, images)
+    let pixels = infer::preprocess_all(&s, images, image_size)
         .await
         .map_err(|e| e.with_param(&input.image_param))?;
     let jobs = pixels.into_iter().map(|p| (p, prompt.clone())).collect();
-    let submitted = infer::submit(&s, jobs, &params)?;
+    let submitted = infer::submit(&s, jobs, &params, image_size)?;
     drop(incoming);
     let guard = infer::cancel_guard(&submitted);
     let job = submitted

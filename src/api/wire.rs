@@ -134,6 +134,11 @@ pub struct StaticInfo {
     pub max_concurrent_requests: usize,
     pub max_body_bytes: usize,
     pub max_images_per_request: usize,
+    /// [height, width] images are resized to unless a request asks for another size.
+    pub image_size: [usize; 2],
+    pub max_image_side: usize,
+    /// Sides of a requested `image_size` are multiples of this.
+    pub patch_size: usize,
     pub max_prompt_tokens: usize,
     pub max_new_tokens: usize,
     pub request_timeout_s: Option<u64>,

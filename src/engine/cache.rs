@@ -1,17 +1,25 @@
 //! Query embeddings (vision encoder + Q-Former + projection) of recent images, keyed by their
-//! pixel values: several questions about one image run the vision encoder once. Identical images
-//! admitted together are computed once as well. A hit compares the full pixel values, so a hash
-//! collision can never hand one image another's features.
+//! size and pixel values: several questions about one image run the vision encoder once.
+//! Identical images admitted together are computed once as well. A hit compares the size and the
+//! full pixel values, so a hash collision can never hand one image another's features.
 
 use std::collections::VecDeque;
 
 use candle_core::Tensor;
 
-use super::Job;
 use crate::metrics::Metrics;
+use crate::preprocess::ImageSize;
+
+/// One image as the vision encoder takes it: `pixels` [3, H, W] row-major at `size`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Image<'a> {
+    pub pixels: &'a [f32],
+    pub size: ImageSize,
+}
 
 struct Entry {
     key: u64,
+    size: ImageSize,
     pixels: Vec<f32>,
     /// [1, Q, H]
     embeds: Tensor,
@@ -23,11 +31,16 @@ pub struct FeatureCache {
     entries: VecDeque<Entry>,
 }
 
-/// FNV-1a over the f32 bit patterns: a bucket key only (hits compare the pixels).
-fn key(pixels: &[f32]) -> u64 {
+/// FNV-1a over the size and the f32 bit patterns: a bucket key only (hits compare the
+/// pixels).
+fn key(image: &Image) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in pixels {
-        h ^= u64::from(v.to_bits());
+    let size = [image.size.height as u64, image.size.width as u64];
+    for v in size
+        .into_iter()
+        .chain(image.pixels.iter().map(|v| u64::from(v.to_bits())))
+    {
+        h ^= v;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
@@ -41,18 +54,18 @@ impl FeatureCache {
         }
     }
 
-    fn lookup(&mut self, key: u64, pixels: &[f32]) -> Option<Tensor> {
+    fn lookup(&mut self, key: u64, image: &Image) -> Option<Tensor> {
         let at = self
             .entries
             .iter()
-            .position(|e| e.key == key && e.pixels == pixels)?;
+            .position(|e| e.key == key && e.size == image.size && e.pixels == image.pixels)?;
         let entry = self.entries.remove(at)?;
         let embeds = entry.embeds.clone();
         self.entries.push_back(entry);
         Some(embeds)
     }
 
-    fn insert(&mut self, key: u64, pixels: &[f32], embeds: Tensor) {
+    fn insert(&mut self, key: u64, image: &Image, embeds: Tensor) {
         if self.capacity == 0 {
             return;
         }
@@ -61,29 +74,19 @@ impl FeatureCache {
         }
         self.entries.push_back(Entry {
             key,
-            pixels: pixels.to_vec(),
+            size: image.size,
+            pixels: image.pixels.to_vec(),
             embeds,
         });
     }
 
-    /// The jobs' query embeddings [B, Q, H], computing (with `compute`, on a batch of distinct
-    /// images) only those not cached.
+    /// The images' query embeddings [B, Q, H], computing (with `compute`, on the distinct
+    /// images not cached, in order) only those not cached.
     pub fn query_embeds(
         &mut self,
-        jobs: &[Job],
+        images: &[Image],
         metrics: &Metrics,
-        compute: impl FnOnce(&[&[f32]]) -> Result<Tensor, String>,
-    ) -> Result<Tensor, String> {
-        let pixels: Vec<&[f32]> = jobs.iter().map(|j| j.pixel_values.as_slice()).collect();
-        self.query_embeds_of(&pixels, metrics, compute)
-    }
-
-    /// As [`query_embeds`](Self::query_embeds), for images given as pixel values.
-    pub fn query_embeds_of(
-        &mut self,
-        images: &[&[f32]],
-        metrics: &Metrics,
-        compute: impl FnOnce(&[&[f32]]) -> Result<Tensor, String>,
+        compute: impl FnOnce(&[Image]) -> Result<Tensor, String>,
     ) -> Result<Tensor, String> {
         if self.capacity == 0 {
             return compute(images);
@@ -119,15 +122,15 @@ impl FeatureCache {
         }
         let mut computed: Vec<Tensor> = Vec::with_capacity(misses.len());
         if !misses.is_empty() {
-            let pixels: Vec<&[f32]> = misses.iter().map(|&m| images[m]).collect();
-            let embeds = compute(&pixels)?;
+            let distinct: Vec<Image> = misses.iter().map(|&m| images[m]).collect();
+            let embeds = compute(&distinct)?;
             for (u, &m) in misses.iter().enumerate() {
                 // An owned copy: a cached row must not keep the whole batch's tensor alive.
                 let row = embeds
                     .narrow(0, u, 1)
                     .and_then(|r| r.copy())
                     .map_err(|e| e.to_string())?;
-                self.insert(keys[m], images[m], row.clone());
+                self.insert(keys[m], &images[m], row.clone());
                 computed.push(row);
             }
         }
@@ -150,16 +153,22 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn job(value: f32) -> Job {
-        let prompt = crate::prompt::Prompt { text_ids: vec![2] };
-        Job::new(vec![value; 12], prompt, Default::default()).0
+    const ONE: [f32; 12] = [1.0; 12];
+    const TWO: [f32; 12] = [2.0; 12];
+    const THREE: [f32; 12] = [3.0; 12];
+
+    fn image(pixels: &[f32]) -> Image<'_> {
+        Image {
+            pixels,
+            size: ImageSize::new(2, 2),
+        }
     }
 
     /// `compute` stands for the vision tower: row i is filled with the image's first pixel.
-    fn fake(pixels: &[&[f32]], calls: &mut Vec<usize>) -> Result<Tensor, String> {
-        calls.push(pixels.len());
-        let data: Vec<f32> = pixels.iter().flat_map(|p| vec![p[0]; 4]).collect();
-        Tensor::from_vec(data, (pixels.len(), 2, 2), &Device::Cpu).map_err(|e| e.to_string())
+    fn fake(images: &[Image], calls: &mut Vec<usize>) -> Result<Tensor, String> {
+        calls.push(images.len());
+        let data: Vec<f32> = images.iter().flat_map(|p| vec![p.pixels[0]; 4]).collect();
+        Tensor::from_vec(data, (images.len(), 2, 2), &Device::Cpu).map_err(|e| e.to_string())
     }
 
     fn firsts(t: &Tensor) -> Vec<f32> {
@@ -178,25 +187,29 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         let mut cache = FeatureCache::new(2);
         let mut calls = Vec::new();
-        let jobs = [job(1.0), job(2.0), job(1.0)];
+        let images = [image(&ONE), image(&TWO), image(&ONE)];
         let out = cache
-            .query_embeds(&jobs, &metrics, |p| fake(p, &mut calls))
+            .query_embeds(&images, &metrics, |p| fake(p, &mut calls))
             .unwrap();
         assert_eq!(firsts(&out), [1.0, 2.0, 1.0]);
         assert_eq!(calls, [2]);
         // Both recent: no compute at all.
         let out = cache
-            .query_embeds(&[job(2.0), job(1.0)], &metrics, |p| fake(p, &mut calls))
+            .query_embeds(&[image(&TWO), image(&ONE)], &metrics, |p| {
+                fake(p, &mut calls)
+            })
             .unwrap();
         assert_eq!(firsts(&out), [2.0, 1.0]);
         assert_eq!(calls, [2]);
         // A third image evicts the least recently used (2.0).
         cache
-            .query_embeds(&[job(3.0)], &metrics, |p| fake(p, &mut calls))
+            .query_embeds(&[image(&THREE)], &metrics, |p| fake(p, &mut calls))
             .unwrap();
         assert_eq!(cache.len(), 2);
         let out = cache
-            .query_embeds(&[job(2.0), job(1.0)], &metrics, |p| fake(p, &mut calls))
+            .query_embeds(&[image(&TWO), image(&ONE)], &metrics, |p| {
+                fake(p, &mut calls)
+            })
             .unwrap();
         assert_eq!(firsts(&out), [2.0, 1.0]);
         assert_eq!(calls, [2, 1, 1]);
@@ -210,16 +223,16 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         let mut cache = FeatureCache::new(4);
         let mut calls = Vec::new();
-        let a = job(1.0);
+        let a = image(&ONE);
         let out = cache
-            .query_embeds(std::slice::from_ref(&a), &metrics, |p| fake(p, &mut calls))
+            .query_embeds(&[a], &metrics, |p| fake(p, &mut calls))
             .unwrap();
         assert_eq!(firsts(&out), [1.0]);
         // Forge an entry with a's key but other pixels: a lookup of a must not return it.
         cache.entries.clear();
         cache.insert(
-            key(&a.pixel_values),
-            &[9.0; 12],
+            key(&a),
+            &image(&[9.0; 12]),
             Tensor::zeros((1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
         );
         let out = cache
@@ -227,5 +240,33 @@ mod tests {
             .unwrap();
         assert_eq!(firsts(&out), [1.0]);
         assert_eq!(calls, [1, 1]);
+    }
+
+    #[test]
+    fn the_same_pixels_at_another_size_are_another_image() {
+        // 12 values are [3, 2, 2] or [3, 1, 4]: the size is part of the key and the comparison.
+        let metrics = Metrics::new().unwrap();
+        let mut cache = FeatureCache::new(4);
+        let mut calls = Vec::new();
+        let square = image(&ONE);
+        let wide = Image {
+            pixels: &ONE,
+            size: ImageSize::new(1, 4),
+        };
+        assert_ne!(key(&square), key(&wide));
+        cache
+            .query_embeds(&[square, wide], &metrics, |p| fake(p, &mut calls))
+            .unwrap();
+        assert_eq!(calls, [2]);
+        cache.entries.retain(|e| e.size == square.size);
+        cache.entries[0].key = key(&wide);
+        cache
+            .query_embeds(&[wide], &metrics, |p| fake(p, &mut calls))
+            .unwrap();
+        assert_eq!(
+            calls,
+            [2, 1],
+            "an entry of another size with the same key is not a hit"
+        );
     }
 }

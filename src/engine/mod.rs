@@ -89,6 +89,9 @@ pub enum FeatureStage {
 /// with `features`, one image's features (no generation: prompt and settings unused).
 pub struct Job {
     pub pixel_values: Vec<f32>,
+    /// The size `pixel_values` were resized to; `None`: the processor's (the checkpoint's).
+    /// Jobs of different sizes run the vision encoder in separate batches.
+    pub image_size: Option<crate::preprocess::ImageSize>,
     pub prompt: Prompt,
     pub params: GenerationParams,
     pub features: Option<FeatureStage>,
@@ -112,6 +115,7 @@ impl Job {
         let (events, rx) = mpsc::unbounded_channel();
         let job = Self {
             pixel_values,
+            image_size: None,
             prompt,
             params,
             features: None,

@@ -10,12 +10,13 @@ use std::time::Instant;
 use candle_core::Tensor;
 use tokio::sync::mpsc;
 
-use super::cache::FeatureCache;
+use super::cache::{FeatureCache, Image};
 use super::scheduler::Scheduler;
 use super::{EngineError, FeatureStage, Job, JobEvent};
 use crate::generation::{DecodeBatch, FinishReason, GeneratedSequence, SequenceRequest};
 use crate::metrics::Metrics;
 use crate::pipeline::Blip2Pipeline;
+use crate::preprocess::ImageSize;
 
 /// One image's features: the shape without the batch dimension, and row-major values.
 type FeatureRow = (Vec<usize>, Vec<f32>);
@@ -29,6 +30,71 @@ fn row(t: &Tensor, i: usize) -> Result<FeatureRow, EngineError> {
         .and_then(|r| r.flatten_all()?.to_vec1::<f32>())
         .map_err(internal)?;
     Ok((r.dims().to_vec(), values))
+}
+
+/// The job's image at its size (the processor's when the job names none).
+fn image_of<'j>(pipeline: &Blip2Pipeline, job: &'j Job) -> Image<'j> {
+    Image {
+        pixels: &job.pixel_values,
+        size: job.image_size.unwrap_or_else(|| pipeline.images.size()),
+    }
+}
+
+/// The images' indices grouped by size, groups in order of first appearance.
+fn by_size(images: &[Image]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(ImageSize, Vec<usize>)> = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        match groups.iter_mut().find(|(size, _)| *size == image.size) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((image.size, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+/// The pixels of `members` (all of one size) as [B, 3, H, W].
+fn pixel_batch(
+    images: &[Image],
+    members: &[usize],
+    device: &candle_core::Device,
+) -> Result<Tensor, String> {
+    let size = images[members[0]].size;
+    let mut data = Vec::with_capacity(members.len() * 3 * size.height * size.width);
+    for &i in members {
+        if images[i].pixels.len() != 3 * size.height * size.width {
+            return Err(format!(
+                "{} pixel values do not make a 3 x {size} image",
+                images[i].pixels.len()
+            ));
+        }
+        data.extend_from_slice(images[i].pixels);
+    }
+    Tensor::from_vec(data, (members.len(), 3, size.height, size.width), device)
+        .map_err(|e| e.to_string())
+}
+
+/// Vision + Q-Former + projection [B, Q, D_lm] of images of any sizes: one batch per size,
+/// rows back in the images' order.
+fn projected_by_size(pipeline: &Blip2Pipeline, images: &[Image]) -> Result<Tensor, String> {
+    let device = pipeline.model.device();
+    let groups = by_size(images);
+    let project = |members: &[usize]| {
+        let pixels = pixel_batch(images, members, device)?;
+        let features = pipeline.model.image_features(&pixels);
+        Ok::<_, String>(features.map_err(|e| e.to_string())?.query_embeds)
+    };
+    if let [members] = groups.as_slice() {
+        return project(members);
+    }
+    let mut rows: Vec<Option<Tensor>> = vec![None; images.len()];
+    for members in &groups {
+        let embeds = project(members)?;
+        for (k, &i) in members.iter().enumerate() {
+            rows[i] = Some(embeds.narrow(0, k, 1).map_err(|e| e.to_string())?);
+        }
+    }
+    let rows: Vec<Tensor> = rows.into_iter().flatten().collect();
+    Tensor::cat(&rows, 0).map_err(|e| e.to_string())
 }
 
 /// A request in the running batch, aligned with the batch's requests, in order.
@@ -238,42 +304,35 @@ impl<'m> Worker<'m> {
     /// Each job's stage as (shape without the batch dimension, row-major values).
     fn features(&mut self, jobs: &[Job]) -> Result<Vec<FeatureRow>, EngineError> {
         let pipeline = self.pipeline;
-        let device = pipeline.model.device().clone();
-        let (height, width) = (pipeline.images.height, pipeline.images.width);
-        let batch = |pixels: &[&[f32]]| {
-            Tensor::from_vec(pixels.concat(), (pixels.len(), 3, height, width), &device)
-                .map_err(|e| e.to_string())
-        };
+        let images: Vec<Image> = jobs.iter().map(|j| image_of(pipeline, j)).collect();
         if jobs
             .iter()
             .all(|j| j.features == Some(FeatureStage::Projected))
         {
             let embeds = self
                 .cache
-                .query_embeds(jobs, &self.metrics, |pixels: &[&[f32]]| {
-                    let f = pipeline.model.image_features(&batch(pixels)?);
-                    Ok(f.map_err(|e| e.to_string())?.query_embeds)
+                .query_embeds(&images, &self.metrics, |images| {
+                    projected_by_size(pipeline, images)
                 })
                 .map_err(EngineError::Internal)?;
             return (0..jobs.len()).map(|i| row(&embeds, i)).collect();
         }
-        let pixels: Vec<&[f32]> = jobs.iter().map(|j| j.pixel_values.as_slice()).collect();
-        let f = pipeline
-            .model
-            .image_features(&batch(&pixels).map_err(EngineError::Internal)?)?;
-        let pooled = if jobs
-            .iter()
-            .any(|j| j.features == Some(FeatureStage::VisionPooled))
-        {
-            Some(pipeline.model.pooled_vision(&f.vision_states)?)
-        } else {
-            None
-        };
-        // Each job converts only its own row of the stage it asked for.
-        jobs.iter()
-            .enumerate()
-            .map(|(i, j)| {
-                let stage = match j.features.unwrap_or(FeatureStage::Projected) {
+        let device = pipeline.model.device();
+        let mut rows: Vec<Option<FeatureRow>> = vec![None; jobs.len()];
+        for members in by_size(&images) {
+            let pixels = pixel_batch(&images, &members, device).map_err(EngineError::Internal)?;
+            let f = pipeline.model.image_features(&pixels)?;
+            let pooled = if members
+                .iter()
+                .any(|&i| jobs[i].features == Some(FeatureStage::VisionPooled))
+            {
+                Some(pipeline.model.pooled_vision(&f.vision_states)?)
+            } else {
+                None
+            };
+            // Each job converts only its own row of the stage it asked for.
+            for (k, &i) in members.iter().enumerate() {
+                let stage = match jobs[i].features.unwrap_or(FeatureStage::Projected) {
                     FeatureStage::Vision => &f.vision_states,
                     FeatureStage::VisionPooled => pooled
                         .as_ref()
@@ -281,8 +340,11 @@ impl<'m> Worker<'m> {
                     FeatureStage::QFormer => &f.query_states,
                     FeatureStage::Projected => &f.query_embeds,
                 };
-                row(stage, i)
-            })
+                rows[i] = Some(row(stage, k)?);
+            }
+        }
+        rows.into_iter()
+            .map(|r| r.ok_or_else(|| EngineError::Internal("a features row is missing".into())))
             .collect()
     }
 
@@ -309,36 +371,26 @@ impl<'m> Worker<'m> {
     }
 
     /// The jobs' language-model inputs [B, Q, D_lm]: given ones as they are, the others from
-    /// the vision cache or vision + Q-Former + projection, as one batch.
+    /// the vision cache or vision + Q-Former + projection, batched by image size.
     fn query_embeds(&mut self, jobs: &[Job]) -> Result<Tensor, EngineError> {
         let pipeline = self.pipeline;
         let device = pipeline.model.device().clone();
-        let (height, width) = (pipeline.images.height, pipeline.images.width);
-        let compute = |pixels: &[&[f32]]| {
-            let data: Vec<f32> = pixels.concat();
-            let tensor = Tensor::from_vec(data, (pixels.len(), 3, height, width), &device)
-                .map_err(|e| e.to_string())?;
-            let features = pipeline
-                .model
-                .image_features(&tensor)
-                .map_err(|e| e.to_string())?;
-            Ok(features.query_embeds)
-        };
-        let images: Vec<&[f32]> = jobs
+        let compute = |images: &[Image]| projected_by_size(pipeline, images);
+        let images: Vec<Image> = jobs
             .iter()
             .filter(|j| j.query_embeds.is_none())
-            .map(|j| j.pixel_values.as_slice())
+            .map(|j| image_of(pipeline, j))
             .collect();
         if images.len() == jobs.len() {
             return self
                 .cache
-                .query_embeds_of(&images, &self.metrics, compute)
+                .query_embeds(&images, &self.metrics, compute)
                 .map_err(EngineError::Internal);
         }
         let computed = if images.is_empty() {
             None
         } else {
-            let t = self.cache.query_embeds_of(&images, &self.metrics, compute);
+            let t = self.cache.query_embeds(&images, &self.metrics, compute);
             Some(t.map_err(EngineError::Internal)?)
         };
         let q = pipeline.model.config.num_query_tokens;

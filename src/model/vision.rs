@@ -1,11 +1,13 @@
 //! The BLIP-2 vision encoder (EVA ViT-g/14 on the real checkpoints), as transformers'
 //! `Blip2VisionModel`: patch embedding + CLS + learned positions, pre-LN blocks with a fused
-//! `qkv` projection, and `post_layernorm` over every token.
+//! `qkv` projection, and `post_layernorm` over every token. Images at another size than the
+//! checkpoint's get position embeddings resized as `interpolate_pos_encoding=True` does.
 
 use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::nn::attention::scale;
+use crate::nn::interpolate::bicubic_grid;
 use crate::nn::{linear, Activation, Linear, Quantization};
 
 use super::config::VisionConfig;
@@ -31,6 +33,8 @@ struct VisionEmbeddings {
     class_embedding: Tensor,
     position_embedding: Tensor,
     patch_size: usize,
+    /// The checkpoint's patch grid side (image_size / patch_size).
+    grid: usize,
 }
 
 impl VisionEmbeddings {
@@ -44,7 +48,30 @@ impl VisionEmbeddings {
             class_embedding: vb.get((1, 1, d), "class_embedding")?,
             position_embedding: vb.get((1, num_positions, d), "position_embedding")?,
             patch_size: p,
+            grid: cfg.image_size / p,
         })
+    }
+
+    /// The position table for a `gh` x `gw` patch grid [1, 1 + gh*gw, D]: as stored for the
+    /// checkpoint's grid; otherwise the CLS row kept and the patch rows, as an s x s grid,
+    /// resized with torch's bicubic (transformers' `interpolate_pos_encoding`), computed in f32.
+    fn positions(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        let s = self.grid;
+        if (gh, gw) == (s, s) {
+            return Ok(self.position_embedding.clone());
+        }
+        let table = &self.position_embedding;
+        let d = table.dim(2)?;
+        let cls = table.narrow(1, 0, 1)?;
+        let patches: Vec<f32> = table
+            .narrow(1, 1, s * s)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let resized = bicubic_grid(&patches, (s, s), d, (gh, gw));
+        let resized =
+            Tensor::from_vec(resized, (1, gh * gw, d), table.device())?.to_dtype(table.dtype())?;
+        Ok(Tensor::cat(&[&cls, &resized], 1)?)
     }
 
     fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
@@ -67,15 +94,7 @@ impl VisionEmbeddings {
         let d = embeds.dim(2)?;
         let cls = self.class_embedding.broadcast_as((b, 1, d))?;
         let embeds = Tensor::cat(&[&cls, &embeds], 1)?;
-        let n = embeds.dim(1)?;
-        let table = self.position_embedding.dim(1)?;
-        if n > table {
-            // The reference slices the table (`[:, :n]`), which fails the same way past its end.
-            return Err(super::ModelError::Input(format!(
-                "image gives {n} vision tokens but the position table has {table}; resize to the model's image_size"
-            )));
-        }
-        Ok(embeds.broadcast_add(&self.position_embedding.narrow(1, 0, n)?)?)
+        Ok(embeds.broadcast_add(&self.positions(gh, gw)?)?)
     }
 }
 

@@ -1,10 +1,11 @@
 //! Reusable layers between the model architectures and the kernels: [`Linear`] (with explicit
 //! quantisation and the one matmul dispatch), attention (head split/merge, [`attention::attend`]
-//! with the one attention dispatch), KV buffers, activations. Nothing here knows a model family
+//! with the one attention dispatch), KV buffers, activations, torch's bicubic grid resize. Nothing here knows a model family
 //! or a checkpoint layout; nothing here touches a tensor's storage (that is `kernels/`).
 
 pub mod activation;
 pub mod attention;
+pub mod interpolate;
 pub mod kv;
 pub mod linear;
 

@@ -98,6 +98,68 @@ const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 #[allow(clippy::excessive_precision)]
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
+/// An image size in pixels, as `pixel_values` have it: the processor's `size` (from
+/// `preprocessor_config.json`) or one a caller asks for (the vision encoder then interpolates
+/// its position embeddings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct ImageSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ImageSize {
+    pub fn new(height: usize, width: usize) -> Self {
+        Self { height, width }
+    }
+
+    /// "N" (square) or "HxW".
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let number = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    format!("image size {text:?}: expected N or HxW (positive integers)")
+                })
+        };
+        match text.split_once(['x', 'X']) {
+            Some((h, w)) => Ok(Self::new(number(h)?, number(w)?)),
+            None => number(text).map(|n| Self::new(n, n)),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.height, self.width)
+    }
+}
+
+/// JSON: an integer (square) or `[height, width]`.
+impl<'de> Deserialize<'de> for ImageSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Spelled {
+            Square(usize),
+            HeightWidth([usize; 2]),
+        }
+        let size = match Spelled::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("image_size: expected an integer or [height, width]")
+        })? {
+            Spelled::Square(n) => Self::new(n, n),
+            Spelled::HeightWidth([h, w]) => Self::new(h, w),
+        };
+        if size.height == 0 || size.width == 0 {
+            return Err(serde::de::Error::custom(
+                "image_size: sides must be positive",
+            ));
+        }
+        Ok(size)
+    }
+}
+
 /// The settings of `preprocessor_config.json` that shape `pixel_values`.
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
@@ -161,6 +223,20 @@ impl ImageProcessor {
         let json = std::fs::read_to_string(path)
             .map_err(|e| PreprocessError::Config(format!("{}: {e}", path.display())))?;
         Self::from_json_str(&json, limits)
+    }
+
+    /// The size `pixel_values` have.
+    pub fn size(&self) -> ImageSize {
+        ImageSize::new(self.height, self.width)
+    }
+
+    /// The same processor resizing to `size` instead (the processor's `size=` argument).
+    pub fn at_size(&self, size: ImageSize) -> Self {
+        Self {
+            height: size.height,
+            width: size.width,
+            ..self.clone()
+        }
     }
 
     /// Decoded RGB image resized as the reference does (the u8 image before rescaling).
@@ -399,6 +475,30 @@ mod tests {
             decode_rgb(b"12345", limits),
             Err(PreprocessError::TooManyBytes { .. })
         ));
+    }
+
+    #[test]
+    fn image_sizes_parse_from_text_and_json() {
+        assert_eq!(ImageSize::parse("224"), Ok(ImageSize::new(224, 224)));
+        assert_eq!(ImageSize::parse("224x448"), Ok(ImageSize::new(224, 448)));
+        for bad in ["", "0", "x", "12x", "-3", "1.5", "3x0"] {
+            assert!(ImageSize::parse(bad).is_err(), "{bad:?}");
+        }
+        let from = |v: serde_json::Value| serde_json::from_value::<ImageSize>(v);
+        assert_eq!(from(serde_json::json!(28)).unwrap(), ImageSize::new(28, 28));
+        assert_eq!(
+            from(serde_json::json!([21, 35])).unwrap(),
+            ImageSize::new(21, 35)
+        );
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!([1]),
+            serde_json::json!([1, 2, 3]),
+            serde_json::json!("28"),
+            serde_json::json!(-1),
+        ] {
+            assert!(from(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]
