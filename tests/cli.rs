@@ -338,6 +338,24 @@ fn t5_in_f16_is_refused_with_a_reason() {
     assert_clean_error(&out, "f16");
 }
 
+/// bf16 on the CPU is about 10x slower than f32 (candle widens the weights on every product):
+/// refused at start with what to use instead.
+#[test]
+fn bf16_on_the_cpu_is_refused_with_what_to_use_instead() {
+    let model = model_dir("opt-tiny");
+    let image = image_path("rgb_640x480.png");
+    let out = blip2(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]);
+    assert_clean_error(&out, "--quantize q8_0");
+}
+
 /// Beam search through the CLI: one JSON line per returned sequence, the reference's tokens.
 #[test]
 fn generate_beam_search_flags_match_reference() {

@@ -4,7 +4,8 @@ in one invocation, on the same checkpoint, image and prompt, greedy with --steps
 forced (min_new_tokens). Not a test: the numbers depend on the machine.
 
     python tools/bench_vs_transformers.py --model DIR [--image IMG] [--prompt "a photo of"]
-        [--runs 3] [--steps 20] [--batch 8] [--quantize q8_0 q4k] [--pairs 3] [--out results.json]
+        [--runs 3] [--steps 20] [--batch 8] [--quantize q8_0 q4k] [--pairs 3] [--peer-int8]
+        [--out results.json]
 
 Each side runs in its own process so that its peak RSS is its own:
   1. --pairs N (default 3) alternating pairs, each side in a fresh process after one warm-up
@@ -20,7 +21,12 @@ Each side runs in its own process so that its peak RSS is its own:
      read bandwidth and matmul GFLOP/s, the decode floor; once per --quantize format too, with
      its logits drift against f32.
   4. this project's HTTP server (release binary) under 1, 2, 4 and --batch concurrent clients:
-     requests/s, against transformers' offline generate() at batch --batch.
+     requests/s, against transformers' offline generate() at batch --batch; and at --batch
+     clients once per --quantize format.
+--peer-int8 adds the int8 peer a Python user reaches for on a CPU: the same transformers model
+with `torch.ao.quantization.quantize_dynamic` on every nn.Linear (qint8 weights, fbgemm), in
+steps 1 (pairs against our first --quantize format's server) and 2, with its first-step logits
+drift against transformers f32.
 Build first: cargo build --release --bin blip2-server --example bench
 """
 import argparse
@@ -38,16 +44,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def load_reference(args):
+    """transformers' model (f32; with --int8, every nn.Linear dynamically quantised) and processor."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    torch.set_num_threads(os.cpu_count())
+    model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    if args.int8:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model, Blip2Processor.from_pretrained(args.model)
+
+
+def first_logits(model, processor, args):
+    """First-step logits of the benchmark's image and prompt (for the drift of the int8 peer)."""
+    from PIL import Image
+
+    inputs = processor(images=Image.open(args.image).convert("RGB"), text=args.prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=1, return_dict_in_generate=True, output_logits=True)
+    return out.logits[0][0].tolist()
+
+
 def reference(args):
     import torch
     import transformers
     from PIL import Image
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    torch.set_num_threads(os.cpu_count())
     t = time.perf_counter()
-    model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
-    processor = Blip2Processor.from_pretrained(args.model)
+    model, processor = load_reference(args)
     load = time.perf_counter() - t
 
     calls = {}
@@ -93,6 +117,7 @@ def reference(args):
             inputs = processor(images=images, text=[args.prompt] * args.batch, return_tensors="pt", padding=True)
             model.generate(**inputs, max_new_tokens=args.steps, min_new_tokens=args.steps)
             batch_times.append(time.perf_counter() - t)
+        logits = first_logits(model, processor, args)
     result = {k: statistics.median(v) for k, v in phases.items()}
     result.update({
         "load_s": load,
@@ -101,6 +126,8 @@ def reference(args):
         "throughput_batch_rps": args.batch / statistics.median(batch_times),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "tokens": tokens,
+        "first_logits": logits,
+        "int8": args.int8,
         "threads": torch.get_num_threads(),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
@@ -112,11 +139,8 @@ def reference_batch(args):
     """One generate() at batch --batch after a warm-up caption, in a fresh process."""
     import torch
     from PIL import Image
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    torch.set_num_threads(os.cpu_count())
-    model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
-    processor = Blip2Processor.from_pretrained(args.model)
+    model, processor = load_reference(args)
     image = Image.open(args.image).convert("RGB")
     with torch.inference_mode():
         warm = processor(images=image, text=args.prompt, return_tensors="pt")
@@ -129,16 +153,29 @@ def reference_batch(args):
     print(json.dumps({"batch_generate_s": elapsed, "throughput_batch_rps": args.batch / elapsed}))
 
 
-def paired(args):
+def paired(args, int8=False, quantize="none"):
+    """Back-to-back pairs: transformers (int8: dynamically quantised) generate(batch), then our
+    server (quantize: its --quantize) under --batch clients."""
     pairs = []
     for i in range(args.pairs):
-        ref = run_json([sys.executable, __file__, "--reference-batch-only"] + child_args(args))
-        http = http_throughput(args, [args.batch], warmup=1)[args.batch]
+        ref = run_json([sys.executable, __file__, "--reference-batch-only"] + child_args(args)
+                       + (["--int8"] if int8 else []))
+        http = http_throughput(args, [args.batch], warmup=1, quantize=quantize)[args.batch]
         pair = {"transformers_batch_rps": ref["throughput_batch_rps"], "http_rps": http["rps"],
                 "ratio": http["rps"] / ref["throughput_batch_rps"]}
         print(f"pair {i + 1}:", json.dumps(pair), flush=True)
         pairs.append(pair)
     return {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs)}
+
+
+def logits_drift(f32, other):
+    """Cosine, max |diff| and top-1 agreement of two logits vectors."""
+    dot = sum(a * b for a, b in zip(f32, other))
+    norm = lambda v: sum(x * x for x in v) ** 0.5
+    top = lambda v: max(range(len(v)), key=v.__getitem__)
+    return {"logits_cosine": dot / (norm(f32) * norm(other)),
+            "logits_max_abs": max(abs(a - b) for a, b in zip(f32, other)),
+            "top1_agrees": top(f32) == top(other)}
 
 
 def child_args(args):
@@ -165,13 +202,14 @@ def ours(args, quantize, logits_file):
     return run_json(cmd)
 
 
-def http_throughput(args, concurrency_levels, warmup=None):
+def http_throughput(args, concurrency_levels, warmup=None, quantize="none"):
     """Requests/s per concurrency level. Warm-up requests: `warmup` before every level when
     given, else one before the level of 1 client."""
     port = 38700
     server = subprocess.Popen(
         [args.binary, "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
-         "--max-batch-size", str(max(concurrency_levels)), "--image-cache-size", "0"],
+         "--max-batch-size", str(max(concurrency_levels)), "--image-cache-size", "0",
+         "--quantize", quantize],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         for _ in range(600):
@@ -214,6 +252,9 @@ def main():
     ap.add_argument("--pairs", type=lambda v: max(0, int(v)), default=3,
                     help="back-to-back throughput pairs, run first (0: none; needs the reference)")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--peer-int8", action="store_true",
+                    help="also transformers with torch dynamic int8 on every nn.Linear")
+    ap.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reference-batch-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -224,12 +265,22 @@ def main():
     args.image = os.path.abspath(args.image)
     args.model = os.path.abspath(args.model)
     results = {"model": args.model, "steps": args.steps, "batch": args.batch, "date": time.strftime("%Y-%m-%d")}
+    quantized = args.quantize[0] if args.quantize else "none"
     if args.pairs and not args.skip_reference:
         results["paired"] = paired(args)
         print("paired:", json.dumps(results["paired"]), flush=True)
+        if args.peer_int8:
+            results["paired_int8"] = paired(args, int8=True, quantize=quantized)
+            results["paired_int8"]["ours_quantize"] = quantized
+            print("paired int8:", json.dumps(results["paired_int8"]), flush=True)
     if not args.skip_reference:
         results["transformers"] = run_json([sys.executable, __file__, "--reference-only"] + child_args(args))
         print("transformers:", json.dumps(results["transformers"]), flush=True)
+        if args.peer_int8:
+            peer = run_json([sys.executable, __file__, "--reference-only", "--int8"] + child_args(args))
+            peer.update(logits_drift(results["transformers"]["first_logits"], peer["first_logits"]))
+            results["transformers_int8"] = peer
+            print("transformers int8:", json.dumps(peer), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         logits = os.path.join(tmp, "logits.json")
         for q in ["none"] + args.quantize:
@@ -238,6 +289,9 @@ def main():
     levels = sorted({1, 2, 4, args.batch})
     results["http"] = http_throughput(args, levels)
     print("http:", json.dumps(results["http"]), flush=True)
+    for q in args.quantize:
+        results[f"http_{q}"] = http_throughput(args, [args.batch], warmup=1, quantize=q)
+        print(f"http {q}:", json.dumps(results[f"http_{q}"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")

@@ -160,7 +160,7 @@ impl Module for Linear {
         match &self.weight {
             Weight::Dense(w) => self.dense_forward(xs, w),
             Weight::Q8(q) => self.quantized_forward(xs, q.out_features(), |x2, rows| {
-                if rows <= SKINNY_ROWS && xs.device().is_cpu() {
+                if (rows <= SKINNY_ROWS || q.serves_any_rows()) && xs.device().is_cpu() {
                     let x = x2.flatten_all()?.to_vec1::<f32>()?;
                     Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())
                 } else {

@@ -9,6 +9,7 @@ pub mod decode;
 pub mod gelu;
 pub mod memory;
 pub mod q8;
+pub mod q8_panels;
 
 use candle_core::{DType, Result, Tensor};
 

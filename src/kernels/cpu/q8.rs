@@ -1,7 +1,9 @@
 //! q8_0 weights with our own kernels. ggml's q8_0 stores each run of 32 weights as an f16 scale
 //! and 32 signed bytes (34 bytes, 1.0625 per weight). candle's quantised matmul is fast only
 //! through a repacked copy of the weights that it builds on first use and keeps beside them,
-//! which doubles their memory; instead, decode-shaped inputs (up to 16 rows) stream the blocks
+//! which doubles their memory; instead, where the CPU has AVX-512 VNNI the weights are kept only
+//! packed in column panels (`q8_panels.rs`) and every input size is multiplied in integers.
+//! Elsewhere they keep their row layout: decode-shaped inputs (up to 16 rows) stream the blocks
 //! once, widening each to f32 in registers, and larger inputs (prefill, the vision encoder, which
 //! are compute-bound) multiply by the weights dequantised for the call.
 
@@ -15,20 +17,46 @@ const BLOCK_BYTES: usize = 34;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
+use super::q8_panels::PanelMatrix;
+
 #[derive(Debug)]
 pub struct Q8Matrix {
-    /// [n, k] signed bytes.
+    /// [n, k] signed bytes (empty when packed).
     qs: Vec<i8>,
     /// [n, k / 32]: each block's scale, widened from ggml's f16 once at load (the kernels
-    /// would otherwise convert it on every use).
+    /// would otherwise convert it on every use). Empty when packed.
     scales: Vec<f32>,
+    /// The same weights in column panels, the only copy, where the CPU runs that kernel.
+    panels: Option<PanelMatrix>,
     n: usize,
     k: usize,
 }
 
 impl Q8Matrix {
-    /// Quantises an [n, k] weight (k a multiple of 32) as ggml does (candle's quantiser).
+    /// Quantises an [n, k] weight (k a multiple of 32) as ggml does (candle's quantiser), packed
+    /// in panels where this CPU has AVX-512 VNNI.
     pub fn quantize(weight: &Tensor) -> Result<Self> {
+        let rows = Self::quantize_rows_layout(weight)?;
+        if !PanelMatrix::available() {
+            return Ok(rows);
+        }
+        let panels = PanelMatrix::pack(&rows.qs, &rows.scales, rows.n, rows.k);
+        Ok(Self {
+            qs: Vec::new(),
+            scales: Vec::new(),
+            panels: Some(panels),
+            n: rows.n,
+            k: rows.k,
+        })
+    }
+
+    /// Whether [`matmul`](Self::matmul) serves inputs of any number of rows (else up to 16).
+    pub fn serves_any_rows(&self) -> bool {
+        self.panels.is_some()
+    }
+
+    /// Quantised, in the row layout whatever the CPU.
+    pub fn quantize_rows_layout(weight: &Tensor) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         if k % QK != 0 {
             candle_core::bail!("q8_0 needs an input width that is a multiple of 32, got {k}");
@@ -45,7 +73,13 @@ impl Q8Matrix {
             scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
             qs.extend(block[2..].iter().map(|&b| b as i8));
         }
-        Ok(Self { qs, scales, n, k })
+        Ok(Self {
+            qs,
+            scales,
+            panels: None,
+            n,
+            k,
+        })
     }
 
     pub fn out_features(&self) -> usize {
@@ -54,6 +88,9 @@ impl Q8Matrix {
 
     /// The f32 weights [n, k], dequantised across threads.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        if let Some(p) = &self.panels {
+            return Tensor::from_vec(p.dequantize(), (self.n, self.k), device);
+        }
         let mut out = vec![0f32; self.n * self.k];
         out.par_chunks_mut(QK * 1024)
             .zip(self.qs.par_chunks(QK * 1024))
@@ -72,6 +109,9 @@ impl Q8Matrix {
     /// AVX-512 VNNI the inputs are quantised to q8_0 as well (as ggml does) and blocks are
     /// multiplied in integers; otherwise the weights are widened to f32.
     pub fn skinny(&self, x: &[f32], m: usize) -> Vec<f32> {
+        if let Some(p) = &self.panels {
+            return p.matmul(x, m);
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if vnni::available() {
@@ -394,7 +434,7 @@ mod tests {
     fn kernels_agree_with_candles_dequantised_weights() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (45, 96), &dev).unwrap();
-        let q = Q8Matrix::quantize(&w).unwrap();
+        let q = Q8Matrix::quantize_rows_layout(&w).unwrap();
         let candle = QTensor::quantize(&w, GgmlDType::Q8_0)
             .unwrap()
             .dequantize(&dev)
@@ -436,5 +476,29 @@ mod tests {
                 assert_eq!(&int[r * 45..(r + 1) * 45], &alone[..], "m {m}, row {r}");
             }
         }
+    }
+
+    #[test]
+    fn the_packed_layout_holds_the_same_weights() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (45, 96), &dev).unwrap();
+        let rows = Q8Matrix::quantize_rows_layout(&w).unwrap();
+        let packed = Q8Matrix::quantize(&w).unwrap();
+        let a: Vec<f32> = rows
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = packed
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(packed.serves_any_rows(), PanelMatrix::available());
     }
 }

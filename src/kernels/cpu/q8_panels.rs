@@ -1,0 +1,402 @@
+//! q8_0 weights packed in column panels for AVX-512 VNNI: one matrix product for every input
+//! size (decode rows, prefill, the vision encoder) in integers, with ggml's q8_0 numbers (blocks
+//! of 32 weights, one scale each) and the inputs quantised to q8_0 per row on the fly.
+//!
+//! Layout: 16 output features form a panel; for each 4 consecutive inputs a panel holds 64 bytes
+//! (feature 0's 4 weights, feature 1's, ...), so one `vpdpbusd` multiplies 4 inputs of one row by
+//! 16 features and adds them into 16 int32 lanes. `vpdpbusd` takes one operand unsigned: the
+//! weights are stored plus 128 (the sign bit flipped), and the row's block sum times -128 seeds
+//! each block's accumulator, which makes the integer dot product exact. Each block's integer sum
+//! is then scaled by (weight scale x input scale) into an f32 accumulator. A row's result does
+//! not depend on the other rows or on the tile it was computed in, and the scalar reference
+//! below computes the same operations in the same order, so the two agree bit for bit.
+
+use rayon::prelude::*;
+
+const QK: usize = 32;
+/// Output features per panel: one zmm of int32 lanes.
+const LANES: usize = 16;
+/// Input rows per tile: 8 int32 + 8 f32 accumulators and the operands fit the 32 registers.
+const TILE_ROWS: usize = 8;
+/// Work per task: as many input rows as keep their bytes within `BLOCK_BYTES` (they stay in
+/// L2 while the task's panels pass over them) against `BLOCK_PANELS` panels, each panel's
+/// weights reused by every tile of those rows. One pass of each panel over all rows instead
+/// re-read the whole input from L3 per panel once it outgrew L2 (k = 3072: 1.3x f32 against
+/// 2.0-2.2x blocked; BENCHMARKS.md).
+const BLOCK_BYTES: usize = 256 * 1024;
+const BLOCK_PANELS: usize = 4;
+
+fn block_rows(k: usize) -> usize {
+    (BLOCK_BYTES / k).clamp(TILE_ROWS, 512) / TILE_ROWS * TILE_ROWS
+}
+
+#[derive(Debug)]
+pub struct PanelMatrix {
+    /// [panels][k / 4][16][4]: weight + 128.
+    packed: Vec<u8>,
+    /// [panels][k / 32][16]: each block's scale (0 for the padding features of the last panel).
+    scales: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+/// Inputs quantised as q8_0 per row: bytes [m, k], scales [m, k / 32], and -128 x each block's
+/// byte sum [m, k / 32] (the correction for the weights' +128).
+struct Inputs {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    seed: Vec<i32>,
+}
+
+/// ggml's `quantize_row_q8_0`: d = max|x| / 127, q = round(x / d); rows in parallel.
+fn quantize_inputs(x: &[f32], k: usize) -> Inputs {
+    let blocks = x.len() / QK;
+    let (mut q, mut d, mut seed) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
+    debug_assert_eq!(x.len() % k, 0);
+    q.par_chunks_mut(k)
+        .zip(x.par_chunks(k))
+        .zip(d.par_chunks_mut(k / QK))
+        .zip(seed.par_chunks_mut(k / QK))
+        .for_each(|(((q, x), d), seed)| quantize_row(x, q, d, seed));
+    Inputs { q, d, seed }
+}
+
+fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], seed: &mut [i32]) {
+    for (((qb, xb), db), sb) in q
+        .chunks_mut(QK)
+        .zip(x.chunks(QK))
+        .zip(d.iter_mut())
+        .zip(seed.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (o, v) in qb.iter_mut().zip(xb) {
+            *o = (v * inv).round() as i8;
+            sum += i32::from(*o);
+        }
+        *db = scale;
+        *sb = -128 * sum;
+    }
+}
+
+impl PanelMatrix {
+    /// Whether this CPU runs the packed kernel.
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Packs q8_0 weights given as row-major bytes [n, k] and block scales [n, k / 32].
+    pub fn pack(qs: &[i8], scales: &[f32], n: usize, k: usize) -> Self {
+        assert!(k.is_multiple_of(QK) && qs.len() == n * k && scales.len() == n * k / QK);
+        let panels = n.div_ceil(LANES);
+        let (quads, nb) = (k / 4, k / QK);
+        let mut packed = vec![128u8; panels * quads * LANES * 4];
+        let mut panel_scales = vec![0f32; panels * nb * LANES];
+        packed
+            .par_chunks_mut(quads * LANES * 4)
+            .zip(panel_scales.par_chunks_mut(nb * LANES))
+            .enumerate()
+            .for_each(|(p, (dst, sdst))| {
+                for lane in 0..LANES.min(n - p * LANES) {
+                    let c = p * LANES + lane;
+                    let row = &qs[c * k..(c + 1) * k];
+                    for (t, &w) in row.iter().enumerate() {
+                        dst[((t / 4) * LANES + lane) * 4 + t % 4] = (w as u8) ^ 0x80;
+                    }
+                    for b in 0..nb {
+                        sdst[b * LANES + lane] = scales[c * nb + b];
+                    }
+                }
+            });
+        Self {
+            packed,
+            scales: panel_scales,
+            n,
+            k,
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    /// Weight (as stored, minus 128) and scale of feature `c`, input `t`.
+    fn weight(&self, c: usize, t: usize) -> (i32, f32) {
+        let (p, lane) = (c / LANES, c % LANES);
+        let byte = self.packed[((p * (self.k / 4) + t / 4) * LANES + lane) * 4 + t % 4];
+        let scale = self.scales[(p * (self.k / QK) + t / QK) * LANES + lane];
+        (i32::from(byte) - 128, scale)
+    }
+
+    /// The f32 weights [n, k] (each byte times its block's scale), row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        out.par_chunks_mut(self.k).enumerate().for_each(|(c, row)| {
+            for (t, o) in row.iter_mut().enumerate() {
+                let (w, s) = self.weight(c, t);
+                *o = s * w as f32;
+            }
+        });
+        out
+    }
+
+    /// `x [m, k] @ W^T -> [m, n]`, the inputs quantised to q8_0 per row.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "input size");
+        let inputs = quantize_inputs(x, self.k);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Self::available() {
+                return self.matmul_vnni(&inputs, m);
+            }
+        }
+        self.matmul_reference(&inputs, m)
+    }
+
+    /// The scalar reference: per output, per block, the exact integer sum seeded with the
+    /// correction, then `acc = fma(sum, weight scale x input scale, acc)`.
+    fn matmul_reference(&self, inputs: &Inputs, m: usize) -> Vec<f32> {
+        let (n, k, nb) = (self.n, self.k, self.k / QK);
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                let mut acc = 0f32;
+                for b in 0..nb {
+                    let mut sum = inputs.seed[r * nb + b];
+                    let mut scale = 0f32;
+                    for t in b * QK..(b + 1) * QK {
+                        let (w, s) = self.weight(c, t);
+                        sum += (w + 128) * i32::from(inputs.q[r * k + t]);
+                        scale = s;
+                    }
+                    acc = (sum as f32).mul_add(scale * inputs.d[r * nb + b], acc);
+                }
+                out[r * n + c] = acc;
+            }
+        }
+        out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_vnni(&self, inputs: &Inputs, m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let panels = n.div_ceil(LANES);
+        let panel_bytes = (k / 4) * LANES * 4;
+        let panel_scales = (k / QK) * LANES;
+        let rows_per_task = block_rows(k);
+        let tasks: Vec<(usize, usize)> = (0..m.div_ceil(rows_per_task))
+            .flat_map(|rb| (0..panels.div_ceil(BLOCK_PANELS)).map(move |pg| (rb, pg)))
+            .collect();
+        // Each task's outputs [panels of its group][its rows][16], then placed in [m, n].
+        let blocks: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(rb, pg)| {
+                let rows = rb * rows_per_task..m.min((rb + 1) * rows_per_task);
+                let group = pg * BLOCK_PANELS..panels.min((pg + 1) * BLOCK_PANELS);
+                let mut out = vec![0f32; group.len() * rows.len() * LANES];
+                for (slot, p) in out.chunks_mut(rows.len() * LANES).zip(group) {
+                    let w = &self.packed[p * panel_bytes..(p + 1) * panel_bytes];
+                    let s = &self.scales[p * panel_scales..(p + 1) * panel_scales];
+                    // SAFETY: `available()` checked the features; the slices hold what the
+                    // tiles read (k / 4 quads of 64 bytes, k / 32 blocks of 16 scales, the
+                    // rows' inputs).
+                    unsafe { vnni::panel(inputs, rows.clone(), k, w, s, slot) }
+                }
+                out
+            })
+            .collect();
+        let mut out = vec![0f32; m * n];
+        for (&(rb, pg), block) in tasks.iter().zip(&blocks) {
+            let r0 = rb * rows_per_task;
+            let rows = m.min(r0 + rows_per_task) - r0;
+            for (g, panel) in block.chunks(rows * LANES).enumerate() {
+                let c0 = (pg * BLOCK_PANELS + g) * LANES;
+                let width = LANES.min(n - c0);
+                for r in 0..rows {
+                    out[(r0 + r) * n + c0..][..width].copy_from_slice(&panel[r * LANES..][..width]);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Inputs, LANES, QK, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Rows `i0..i0 + R` against one panel: [R][16] outputs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile<const R: usize>(
+        inputs: &Inputs,
+        k: usize,
+        i0: usize,
+        w: &[u8],
+        s: &[f32],
+    ) -> [[f32; LANES]; R] {
+        let nb = k / QK;
+        let mut acc = [_mm512_setzero_ps(); R];
+        let xq = inputs.q.as_ptr().add(i0 * k);
+        for b in 0..nb {
+            let mut sum: [__m512i; R] =
+                std::array::from_fn(|r| _mm512_set1_epi32(inputs.seed[(i0 + r) * nb + b]));
+            for quad in 0..QK / 4 {
+                let wv = _mm512_loadu_si512(w.as_ptr().add((b * QK / 4 + quad) * 64) as *const _);
+                for (r, sr) in sum.iter_mut().enumerate() {
+                    let x4 = (xq.add(r * k + b * QK + quad * 4) as *const i32).read_unaligned();
+                    *sr = _mm512_dpbusd_epi32(*sr, wv, _mm512_set1_epi32(x4));
+                }
+            }
+            let sw = _mm512_loadu_ps(s.as_ptr().add(b * LANES));
+            for r in 0..R {
+                let scale = _mm512_mul_ps(sw, _mm512_set1_ps(inputs.d[(i0 + r) * nb + b]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), scale, acc[r]);
+            }
+        }
+        let mut out = [[0f32; LANES]; R];
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+        out
+    }
+
+    /// Input rows `rows` against one panel, in tiles of up to `TILE_ROWS`; `out` is
+    /// [rows][16].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn panel(
+        inputs: &Inputs,
+        rows: std::ops::Range<usize>,
+        k: usize,
+        w: &[u8],
+        s: &[f32],
+        out: &mut [f32],
+    ) {
+        let mut i = rows.start;
+        while i < rows.end {
+            let take = (rows.end - i).min(TILE_ROWS);
+            let at = i - rows.start;
+            let dst = &mut out[at * LANES..(at + take) * LANES];
+            let mut put = |rows: &[[f32; LANES]]| {
+                for (d, r) in dst.chunks_mut(LANES).zip(rows) {
+                    d.copy_from_slice(r);
+                }
+            };
+            match take {
+                8 => put(&tile::<8>(inputs, k, i, w, s)),
+                7 => put(&tile::<7>(inputs, k, i, w, s)),
+                6 => put(&tile::<6>(inputs, k, i, w, s)),
+                5 => put(&tile::<5>(inputs, k, i, w, s)),
+                4 => put(&tile::<4>(inputs, k, i, w, s)),
+                3 => put(&tile::<3>(inputs, k, i, w, s)),
+                2 => put(&tile::<2>(inputs, k, i, w, s)),
+                _ => put(&tile::<1>(inputs, k, i, w, s)),
+            }
+            i += take;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weights and inputs from a fixed generator (no dependency on candle's RNG).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn quantized(n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+        let w = values(n * k, 7);
+        let mut qs = vec![0i8; n * k];
+        let mut scales = vec![0f32; n * k / QK];
+        for ((q, x), d) in qs.chunks_mut(QK).zip(w.chunks(QK)).zip(scales.iter_mut()) {
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            *d = amax / 127.0;
+            for (o, v) in q.iter_mut().zip(x) {
+                *o = (v / *d).round() as i8;
+            }
+        }
+        // One block of zeros (scale 0), as ggml stores an all-zero block.
+        qs[..QK].fill(0);
+        scales[0] = 0.0;
+        (qs, scales)
+    }
+
+    #[test]
+    fn packing_keeps_every_weight_and_scale() {
+        // 37 features: two full panels and a partial one.
+        let (n, k) = (37, 96);
+        let (qs, scales) = quantized(n, k);
+        let p = PanelMatrix::pack(&qs, &scales, n, k);
+        let deq = p.dequantize();
+        for c in 0..n {
+            for t in 0..k {
+                let want = scales[c * (k / QK) + t / QK] * f32::from(qs[c * k + t]);
+                assert_eq!(deq[c * k + t], want, "feature {c}, input {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_equals_the_scalar_reference_bit_for_bit_and_rows_are_independent() {
+        let (n, k) = (37, 128);
+        let (qs, scales) = quantized(n, k);
+        let p = PanelMatrix::pack(&qs, &scales, n, k);
+        let x = values(19 * k, 3);
+        for m in [1usize, 2, 7, 8, 9, 19] {
+            let x = &x[..m * k];
+            let got = p.matmul(x, m);
+            let want = p.matmul_reference(&quantize_inputs(x, k), m);
+            assert_eq!(got, want, "m {m}");
+            for r in 0..m {
+                let alone = p.matmul(&x[r * k..(r + 1) * k], 1);
+                assert_eq!(&got[r * n..(r + 1) * n], &alone[..], "m {m}, row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_product_stays_close_to_the_dequantised_weights_in_f32() {
+        let (n, k) = (48, 256);
+        let (qs, scales) = quantized(n, k);
+        let p = PanelMatrix::pack(&qs, &scales, n, k);
+        let w = p.dequantize();
+        let m = 5;
+        let x = values(m * k, 11);
+        let got = p.matmul(&x, m);
+        let (mut err, mut norm) = (0f32, 0f32);
+        for r in 0..m {
+            for c in 0..n {
+                let exact: f32 = (0..k).map(|t| x[r * k + t] * w[c * k + t]).sum();
+                err += (got[r * n + c] - exact).powi(2);
+                norm += exact * exact;
+            }
+        }
+        // Only the inputs' own q8_0 rounding separates the two.
+        assert!(
+            (err / norm).sqrt() < 0.01,
+            "relative error {}",
+            (err / norm).sqrt()
+        );
+    }
+}
