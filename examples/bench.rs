@@ -1,7 +1,7 @@
 //! Per-phase timings of one checkpoint, the machine's limits, and logits drift (a benchmark,
 //! not a test). `tools/bench_vs_transformers.py` runs it beside transformers.
 //!
-//!     cargo run --release --example bench -- --model DIR [--quantize q8_0|q4k] [--runs 3]
+//!     cargo run --release --example bench -- --model DIR [--quantize q8_0|q4k|int8] [--runs 3]
 //!         [--steps 20] [--batch 8] [--save-logits F | --compare-logits F]
 //!
 //! Prints one JSON object: load time, peak RSS, the median time of each phase (preprocess,
@@ -252,6 +252,7 @@ fn main() -> anyhow::Result<()> {
         },
         QuantizeName::Q8_0 => 34.0 / 32.0,
         QuantizeName::Q4K => 144.0 / 256.0,
+        QuantizeName::Int8 => 1.0,
     };
     report["lm_step_bytes"] = lm_step_bytes(&p.model.config.text, bytes_per_weight).into();
     // Before the machine measurements, whose buffers are not the model's.

@@ -41,15 +41,19 @@ pub enum QuantizeName {
     #[serde(rename = "q4k")]
     #[value(name = "q4k")]
     Q4K,
+    #[serde(rename = "int8")]
+    #[value(name = "int8")]
+    Int8,
 }
 
 impl QuantizeName {
-    /// The name as configured ("none", "q8_0", "q4k").
+    /// The name as configured ("none", "q8_0", "q4k", "int8").
     pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::Q8_0 => "q8_0",
             Self::Q4K => "q4k",
+            Self::Int8 => "int8",
         }
     }
 
@@ -59,6 +63,7 @@ impl QuantizeName {
             Self::None => None,
             Self::Q8_0 => Some(Quantization::Q8_0),
             Self::Q4K => Some(Quantization::Q4K),
+            Self::Int8 => Some(Quantization::Int8),
         }
     }
 }

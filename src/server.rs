@@ -50,7 +50,7 @@ pub struct ServeOptions {
     /// Reported by `/info`.
     pub model_id: String,
     pub revision: String,
-    /// Reported by `/info`: "none", "q8_0" or "q4k".
+    /// Reported by `/info`: "none", "q8_0", "q4k" or "int8".
     pub quantize: String,
     /// Reported by `/info`: how start-up went, when the caller tracked it.
     pub startup: Option<Arc<Startup>>,

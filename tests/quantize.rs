@@ -84,3 +84,35 @@ fn quantised_logits_stay_close_to_f32() {
         }
     }
 }
+
+/// Per-channel int8 (where the CPU has AVX-512 VNNI; refused elsewhere): first-step logits
+/// close to f32, and generation runs.
+#[test]
+fn int8_logits_stay_close_to_f32() {
+    use blip2_server::kernels::cpu::q8_panels::PanelMatrix;
+    if !PanelMatrix::available() {
+        let files = ModelFiles::from_dir(&model_dir("opt-tiny")).unwrap();
+        let options = LoadOptions {
+            quantize: Some(Quantization::Int8),
+            ..LoadOptions::default()
+        };
+        let err = Blip2Pipeline::load_files(&files, &options).err().unwrap();
+        assert!(err.to_string().contains("AVX-512 VNNI"), "{err}");
+        return;
+    }
+    for model in ["opt-tiny", "t5-tiny"] {
+        let exact = load(model, None);
+        let int8 = load(model, Some(Quantization::Int8));
+        for (image, prompt) in [
+            ("rgb_640x480.png", None),
+            ("photo_320x240.jpg", Some("a photo of")),
+        ] {
+            let a = first_logits(&exact, image, prompt);
+            let b = first_logits(&int8, image, prompt);
+            assert!(a != b, "{model}: the weights were not quantised");
+            let cos = cosine(&a, &b);
+            eprintln!("{model} int8 {image}: logits cosine {cos}");
+            assert!(cos >= 0.999, "{model} int8 {image}: cosine {cos}");
+        }
+    }
+}

@@ -275,10 +275,11 @@ def main():
             print("paired int8:", json.dumps(results["paired_int8"]), flush=True)
     if not args.skip_reference:
         results["transformers"] = run_json([sys.executable, __file__, "--reference-only"] + child_args(args))
+        f32_logits = results["transformers"].pop("first_logits")
         print("transformers:", json.dumps(results["transformers"]), flush=True)
         if args.peer_int8:
             peer = run_json([sys.executable, __file__, "--reference-only", "--int8"] + child_args(args))
-            peer.update(logits_drift(results["transformers"]["first_logits"], peer["first_logits"]))
+            peer.update(logits_drift(f32_logits, peer.pop("first_logits")))
             results["transformers_int8"] = peer
             print("transformers int8:", json.dumps(peer), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

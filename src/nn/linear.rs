@@ -6,7 +6,7 @@
 //! weights, whatever the batch); q8_0 weights through `kernels::cpu::q8`; everything else
 //! (prefill, the vision encoder, other devices) through candle's matmul.
 //!
-//! Quantisation (q8_0, q4k) is an explicit argument of the constructor: the loader asks for it
+//! Quantisation (q8_0, q4k, per-channel int8) is an explicit argument of the constructor: the loader asks for it
 //! for the vision encoder and the language model, so the f32 copy of a quantised model never
 //! exists in full; the Q-Former, projection, norms and embeddings stay in the load dtype.
 
@@ -19,6 +19,7 @@ use candle_nn::VarBuilder;
 use crate::kernels::cpu::decode::skinny_matmul;
 pub use crate::kernels::cpu::decode::SKINNY_ROWS;
 use crate::kernels::cpu::q8::Q8Matrix;
+use crate::kernels::cpu::q8_panels::PanelMatrix;
 use crate::kernels::cpu::with_f32_slice;
 
 /// Weight formats a `--quantize` run may ask for.
@@ -26,12 +27,15 @@ use crate::kernels::cpu::with_f32_slice;
 pub enum Quantization {
     Q8_0,
     Q4K,
+    /// One scale per output feature, inputs quantised with one scale per row (AVX-512 VNNI
+    /// only): `kernels::cpu::q8_panels`.
+    Int8,
 }
 
 impl Quantization {
     fn ggml(self) -> GgmlDType {
         match self {
-            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q8_0 | Self::Int8 => GgmlDType::Q8_0,
             Self::Q4K => GgmlDType::Q4K,
         }
     }
@@ -43,6 +47,8 @@ enum Weight {
     Dense(Tensor),
     /// q8_0 with our own kernels (no repacked copy: see `kernels::cpu::q8`).
     Q8(Arc<Q8Matrix>),
+    /// Per-channel int8 in column panels, every input size in integers.
+    Int8(Arc<PanelMatrix>),
     /// `matmul` serves inputs of up to [`SKINNY_ROWS`] rows (decode: reading the quantised
     /// weights is the cost); larger inputs (prefill, the vision encoder) are compute-bound and
     /// multiply by `qtensor` dequantised to f32 for the call.
@@ -76,10 +82,10 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// The quantised format of the weight, if any.
+    /// The ggml format of the weight, if it has one (not dense, not per-channel int8).
     pub fn quantized(&self) -> Option<GgmlDType> {
         match &self.weight {
-            Weight::Dense(_) => None,
+            Weight::Dense(_) | Weight::Int8(_) => None,
             Weight::Q8(_) => Some(GgmlDType::Q8_0),
             Weight::Quantized { qtensor, .. } => Some(qtensor.dtype()),
         }
@@ -88,6 +94,20 @@ impl Linear {
 
 fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
     let (out, k) = weight.dims2()?;
+    if q == Quantization::Int8 {
+        if !PanelMatrix::available() {
+            candle_core::bail!("--quantize int8 needs a CPU with AVX-512 VNNI; use q8_0");
+        }
+        if !k.is_multiple_of(4) {
+            return Ok(None);
+        }
+        let w = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let packed = PanelMatrix::quantize_per_channel(&w, out, k);
+        return Ok(Some(Weight::Int8(Arc::new(packed))));
+    }
     let dtype = [q.ggml(), GgmlDType::Q8_0]
         .into_iter()
         .find(|d| k % d.block_size() == 0);
@@ -166,6 +186,10 @@ impl Module for Linear {
                 } else {
                     x2.matmul(&q.dequantize(xs.device())?.t()?)
                 }
+            }),
+            Weight::Int8(p) => self.quantized_forward(xs, p.out_features(), |x2, rows| {
+                let x = x2.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(p.matmul(&x, rows), (rows, p.out_features()), xs.device())
             }),
             Weight::Quantized {
                 matmul,
