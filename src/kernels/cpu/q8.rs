@@ -484,21 +484,11 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (45, 96), &dev).unwrap();
         let rows = Q8Matrix::quantize_rows_layout(&w).unwrap();
         let packed = Q8Matrix::quantize(&w).unwrap();
-        let a: Vec<f32> = rows
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = packed
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(a, b);
+        let values = |q: &Q8Matrix| -> Vec<f32> {
+            let t = q.dequantize(&dev).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        assert_eq!(values(&rows), values(&packed));
         assert_eq!(packed.serves_any_rows(), PanelMatrix::available());
     }
 }

@@ -379,6 +379,19 @@ mod tests {
         (qs, scales)
     }
 
+    /// |got - x W^T| / |x W^T| over the whole [m, n] output, W [n, k] in f32.
+    fn relative_error(got: &[f32], x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> f32 {
+        let (mut err, mut norm) = (0f32, 0f32);
+        for r in 0..m {
+            for c in 0..n {
+                let exact: f32 = (0..k).map(|t| x[r * k + t] * w[c * k + t]).sum();
+                err += (got[r * n + c] - exact).powi(2);
+                norm += exact * exact;
+            }
+        }
+        (err / norm).sqrt()
+    }
+
     #[test]
     fn packing_keeps_every_weight_and_scale() {
         // 37 features: two full panels and a partial one.
@@ -426,19 +439,8 @@ mod tests {
                 &p.matmul(&x[r * k..(r + 1) * k], 1)[..]
             );
         }
-        let (mut err, mut norm) = (0f32, 0f32);
-        for r in 0..m {
-            for c in 0..n {
-                let exact: f32 = (0..k).map(|t| x[r * k + t] * w[c * k + t]).sum();
-                err += (got[r * n + c] - exact).powi(2);
-                norm += exact * exact;
-            }
-        }
-        assert!(
-            (err / norm).sqrt() < 0.02,
-            "relative error {}",
-            (err / norm).sqrt()
-        );
+        let err = relative_error(&got, &x, &w, (m, n, k));
+        assert!(err < 0.02, "relative error {err}");
     }
 
     #[test]
@@ -450,19 +452,8 @@ mod tests {
         let m = 5;
         let x = values(m * k, 11);
         let got = p.matmul(&x, m);
-        let (mut err, mut norm) = (0f32, 0f32);
-        for r in 0..m {
-            for c in 0..n {
-                let exact: f32 = (0..k).map(|t| x[r * k + t] * w[c * k + t]).sum();
-                err += (got[r * n + c] - exact).powi(2);
-                norm += exact * exact;
-            }
-        }
         // Only the inputs' own q8_0 rounding separates the two.
-        assert!(
-            (err / norm).sqrt() < 0.01,
-            "relative error {}",
-            (err / norm).sqrt()
-        );
+        let err = relative_error(&got, &x, &w, (m, n, k));
+        assert!(err < 0.01, "relative error {err}");
     }
 }
