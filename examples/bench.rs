@@ -2,7 +2,13 @@
 //! not a test). `tools/bench_vs_transformers.py` runs it beside transformers.
 //!
 //!     cargo run --release --example bench -- --model DIR [--quantize q8_0|q4k|int8] [--runs 3]
-//!         [--steps 20] [--batch 8] [--save-logits F | --compare-logits F]
+//!         [--steps 20] [--batch 8 [--batch 32]] [--vision-batch 8] [--device cuda:0]
+//!         [--dtype f16] [--random-weights] [--save-logits F | --compare-logits F]
+//!
+//! --random-weights builds the model from random values on the device, from the names and
+//! shapes in DIR/tensor_shapes.json (`tools/make_large_checkpoint.py --shapes-only`): a
+//! real-size model timed on a GPU without its 15 GB of files. On a GPU every timed phase ends
+//! with a device synchronisation.
 //!
 //! Prints one JSON object: load time, peak RSS, the median time of each phase (preprocess,
 //! vision encoder, Q-Former + projection, prefill, one decode step at batch 1 and at --batch,
@@ -15,9 +21,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use blip2_server::config::QuantizeName;
+use blip2_server::config::{DTypeName, QuantizeName};
+use blip2_server::device::DeviceSpec;
 use blip2_server::generation::{DecodeBatch, GenerationParams, SequenceRequest};
-use blip2_server::model::{ModelFiles, TextConfig};
+use blip2_server::model::{Blip2Model, ModelFiles, TextConfig};
+use blip2_server::preprocess::ImageProcessor;
+use blip2_server::prompt::PromptBuilder;
 use blip2_server::{Blip2Pipeline, LoadOptions};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -37,8 +46,19 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Batch sizes of the batched prefill and decode step (repeat for several).
+    #[arg(long, default_values_t = [8])]
+    batch: Vec<usize>,
+    /// Also time the vision encoder on this many images at once (1: only the single image).
+    #[arg(long, default_value_t = 1)]
+    vision_batch: usize,
+    #[arg(long, default_value = "cpu", value_parser = DeviceSpec::parse)]
+    device: DeviceSpec,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeName,
+    /// Random weights on the device, shaped as DIR/tensor_shapes.json says.
+    #[arg(long)]
+    random_weights: bool,
     #[arg(long)]
     save_logits: Option<PathBuf>,
     #[arg(long)]
@@ -53,10 +73,78 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(f64, T)> {
+/// Seconds `f` takes, the device's queued work included (a GPU runs candle's ops
+/// asynchronously: without the synchronisation a phase would time its launches only).
+fn time<T>(device: &Device, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(f64, T)> {
+    device.synchronize()?;
     let t = Instant::now();
     let out = f()?;
+    device.synchronize()?;
     Ok((t.elapsed().as_secs_f64(), out))
+}
+
+/// Random weights shaped as a checkpoint's `tensor_shapes.json`: N(0, 0.02), norm weights one
+/// (as tools/make_large_checkpoint.py writes them), made on the device they are asked for.
+struct RandomWeights(std::collections::HashMap<String, Vec<usize>>);
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.0.get(name) {
+            Some(shape) if shape.as_slice() == s.dims() => self.get_unchecked(name, dtype, dev),
+            Some(shape) => candle_core::bail!("{name}: shape {shape:?}, asked for {s:?}"),
+            None => candle_core::bail!("{name} is not in tensor_shapes.json"),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let shape = self.0.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{name} is not in tensor_shapes.json"))
+        })?;
+        let t = if name.to_lowercase().contains("norm") && name.ends_with(".weight") {
+            Tensor::ones(shape.as_slice(), DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape.as_slice(), dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
+/// The pipeline of DIR with random weights on `options.device`.
+fn random_pipeline(dir: &std::path::Path, options: &LoadOptions) -> anyhow::Result<Blip2Pipeline> {
+    let shapes = std::fs::read(dir.join("tensor_shapes.json"))
+        .with_context(|| format!("{}/tensor_shapes.json", dir.display()))?;
+    let backend = RandomWeights(serde_json::from_slice(&shapes)?);
+    blip2_server::nn::set_kernels(options.kernels);
+    let config = blip2_server::model::blip2::read_config(&dir.join("config.json"))?;
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(backend),
+        options.dtype,
+        options.device.clone(),
+    );
+    let model = Blip2Model::from_var_builder(config, vb)?;
+    let images = ImageProcessor::from_file(&dir.join("preprocessor_config.json"), options.limits)?;
+    let config_file = dir.join("tokenizer_config.json");
+    let prompts = PromptBuilder::new(
+        &dir.join("tokenizer.json"),
+        config_file.exists().then_some(config_file.as_path()),
+        &model.config,
+    )?;
+    Ok(Blip2Pipeline {
+        model,
+        images,
+        prompts,
+    })
 }
 
 /// A `Vm...:` line of /proc/self/status, in bytes (0 where unreadable).
@@ -111,18 +199,41 @@ fn bandwidth() -> f64 {
     (data.len() * 4) as f64 / median(times)
 }
 
-/// f32 matmul GFLOP/s (candle), 512x2560 @ 2560x2560: prefill / vision shaped.
-fn gflops() -> anyhow::Result<f64> {
-    let (m, k, n) = (512, 2560, 2560);
-    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
+/// A GPU's memory bandwidth in bytes/s: the median of 7 device copies of 1 GiB (each reads and
+/// writes it).
+fn device_bandwidth(device: &Device) -> anyhow::Result<f64> {
+    let data = Tensor::ones(256 * 1024 * 1024, DType::F32, device)?;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let (t, copy) = time(device, || Ok(data.copy()?))?;
+        drop(copy);
+        times.push(t);
+    }
+    Ok(2.0 * (data.elem_count() * 4) as f64 / median(times))
+}
+
+/// Matmul GFLOP/s (candle) on the device in `dtype`, 512x2560 @ 2560x2560: prefill / vision
+/// shaped (on a GPU, 4096 rows: one such product is too small to fill it).
+fn gflops(device: &Device, dtype: DType) -> anyhow::Result<f64> {
+    let m = if device.is_cpu() { 512 } else { 4096 };
+    let (k, n) = (2560, 2560);
+    let a = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), device)?.to_dtype(dtype)?;
     let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        std::hint::black_box(a.matmul(&b)?);
-        best = best.min(t.elapsed().as_secs_f64());
+    for _ in 0..5 {
+        let (t, c) = time(device, || Ok(a.matmul(&b)?))?;
+        std::hint::black_box(c);
+        best = best.min(t);
     }
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+/// Multiply-adds x 2 of one image through the vision encoder (linear layers and attention).
+fn vision_flops(c: &blip2_server::model::config::VisionConfig) -> f64 {
+    let tokens = (c.image_size / c.patch_size).pow(2) + 1;
+    let d = c.hidden_size;
+    let per_layer = tokens * (4 * d * d + 2 * d * c.intermediate_size) + 2 * tokens * tokens * d;
+    2.0 * (c.num_hidden_layers * per_layer) as f64
 }
 
 /// Bytes of language-model weights one decode step reads (every linear layer of the decoder
@@ -176,11 +287,18 @@ fn first_logits(p: &Blip2Pipeline) -> anyhow::Result<Vec<Vec<f32>>> {
 fn main() -> anyhow::Result<()> {
     blip2_server::tuning::init_process();
     let args = Args::parse();
+    let device = args.device.open().map_err(anyhow::Error::msg)?;
     let options = LoadOptions {
         quantize: args.quantize.quantization(),
+        dtype: args.dtype.dtype(),
+        device: device.clone(),
         ..LoadOptions::default()
     };
-    let (load_s, p) = time(|| {
+    options.check().map_err(anyhow::Error::msg)?;
+    let (load_s, p) = time(&device, || {
+        if args.random_weights {
+            return random_pipeline(&args.model, &options);
+        }
         Ok(Blip2Pipeline::load_files(
             &ModelFiles::from_dir(&args.model)?,
             &options,
@@ -195,23 +313,34 @@ fn main() -> anyhow::Result<()> {
         min_new_tokens: n,
         ..GenerationParams::default()
     };
-    let mut phases: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for _ in 0..args.runs {
-        let (t, pixels) = time(|| Ok(p.images.pixel_values(&bytes)?))?;
-        phases.entry("preprocess_s").or_default().push(t);
+        let (t, pixels) = time(&device, || Ok(p.images.pixel_values(&bytes)?))?;
+        phases.entry("preprocess_s".into()).or_default().push(t);
         let pv = p.images.batch_tensor(&[pixels], p.model.device())?;
         let pv = pv.to_dtype(p.model.dtype())?;
-        let (t, vision) = time(|| Ok(p.model.vision.forward(&pv)?))?;
-        phases.entry("vision_s").or_default().push(t);
-        let (t, embeds) = time(|| Ok(p.model.project_queries(&vision)?))?;
-        phases.entry("qformer_s").or_default().push(t);
-        for (b, key, step_key) in [
-            (1, "prefill_s", "decode_step_s"),
-            (args.batch, "prefill_batch_s", "decode_step_batch_s"),
-        ] {
+        let (t, vision) = time(&device, || Ok(p.model.vision.forward(&pv)?))?;
+        phases.entry("vision_s".into()).or_default().push(t);
+        let (t, embeds) = time(&device, || Ok(p.model.project_queries(&vision)?))?;
+        phases.entry("qformer_s".into()).or_default().push(t);
+        if args.vision_batch > 1 {
+            let pv_b = Tensor::cat(&vec![pv.clone(); args.vision_batch], 0)?;
+            let (t, _) = time(&device, || Ok(p.model.vision.forward(&pv_b)?))?;
+            phases.entry("vision_batch_s".into()).or_default().push(t);
+        }
+        // The first --batch keeps the historical keys (BENCHMARKS.md, the plot); every batch
+        // size also has its own.
+        let mut sizes = vec![(1, "prefill_s".to_string(), "decode_step_s".to_string())];
+        for (i, &b) in args.batch.iter().enumerate() {
+            if i == 0 {
+                sizes.push((b, "prefill_batch_s".into(), "decode_step_batch_s".into()));
+            }
+            sizes.push((b, format!("prefill_b{b}_s"), format!("decode_step_b{b}_s")));
+        }
+        for (b, key, step_key) in sizes {
             let embeds_b = Tensor::cat(&vec![embeds.clone(); b], 0)?;
             let requests = vec![SequenceRequest::new(prompt.clone(), forced(args.steps + 1)); b];
-            let (t, mut batch) = time(|| {
+            let (t, mut batch) = time(&device, || {
                 Ok(DecodeBatch::prefill(
                     &p.model, &p.prompts, &embeds_b, &requests,
                 )?)
@@ -219,31 +348,37 @@ fn main() -> anyhow::Result<()> {
             phases.entry(key).or_default().push(t);
             let mut steps = Vec::new();
             for _ in 0..args.steps {
-                steps.push(time(|| Ok(batch.step()?))?.0);
+                steps.push(time(&device, || Ok(batch.step()?))?.0);
             }
             phases.entry(step_key).or_default().push(median(steps));
         }
-        let (t, _) = time(|| {
+        let (t, _) = time(&device, || {
             Ok(p.generate(
                 std::slice::from_ref(&bytes),
                 &[Some(args.prompt.clone())],
                 &[forced(args.steps)],
             )?)
         })?;
-        phases.entry("caption_s").or_default().push(t);
+        phases.entry("caption_s".into()).or_default().push(t);
     }
     let mut report = serde_json::json!({
         "model": args.model.display().to_string(),
         "quantize": args.quantize.as_str(),
+        "device": blip2_server::device::location(&device),
+        "device_name": blip2_server::device::hardware_name(&device),
+        "dtype": format!("{:?}", p.model.dtype()).to_lowercase(),
+        "random_weights": args.random_weights,
+        "vision_batch": args.vision_batch,
         "threads": rayon::current_num_threads(),
         "load_s": load_s,
         "rss_after_load": rss_after_load,
         "peak_rss_after_load": peak_after_load,
         "steps": args.steps,
-        "batch": args.batch,
+        "batch": args.batch[0],
+        "batches": args.batch,
     });
     for (k, v) in phases {
-        report[k] = median(v).into();
+        report[k.as_str()] = median(v).into();
     }
     let bytes_per_weight = match args.quantize {
         QuantizeName::None => match p.model.dtype() {
@@ -258,11 +393,27 @@ fn main() -> anyhow::Result<()> {
     // Before the machine measurements, whose buffers are not the model's.
     report["peak_rss"] = peak_rss().into();
     if !args.no_hardware {
-        let bw = bandwidth();
+        let bw = if device.is_cpu() {
+            bandwidth()
+        } else {
+            device_bandwidth(&device)?
+        };
+        // The CPU's rate is f32's (its matrix products run in f32 whatever the weights).
+        let rate = gflops(
+            &device,
+            if device.is_cpu() {
+                DType::F32
+            } else {
+                p.model.dtype()
+            },
+        )?;
         report["bandwidth_gb_s"] = (bw / 1e9).into();
-        report["matmul_gflops"] = gflops()?.into();
+        report["matmul_gflops"] = rate.into();
         report["decode_floor_s"] =
             (lm_step_bytes(&p.model.config.text, bytes_per_weight) / bw).into();
+        let flops = vision_flops(&p.model.config.vision);
+        report["vision_flops"] = flops.into();
+        report["vision_floor_s"] = (flops / (rate * 1e9)).into();
     }
     if let Some(path) = &args.save_logits {
         let logits = first_logits(&p)?;

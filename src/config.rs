@@ -68,6 +68,23 @@ impl QuantizeName {
     }
 }
 
+/// `--kernels`: the CPU kernels where they apply, or candle's ops only (what a GPU runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelsName {
+    Auto,
+    Generic,
+}
+
+impl KernelsName {
+    pub fn kernels(self) -> crate::nn::Kernels {
+        match self {
+            Self::Auto => crate::nn::Kernels::Auto,
+            Self::Generic => crate::nn::Kernels::Generic,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -83,6 +100,8 @@ pub struct ServerConfig {
     pub revision: String,
     pub dtype: DTypeName,
     pub quantize: QuantizeName,
+    pub device: String,
+    pub kernels: KernelsName,
     pub host: String,
     pub port: u16,
     pub max_batch_size: usize,
@@ -139,6 +158,16 @@ pub struct ServeArgs {
     #[arg(long, value_enum, env = "BLIP2_QUANTIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantize: Option<QuantizeName>,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature
+    /// and a GPU) [default: cpu].
+    #[arg(long, env = "BLIP2_DEVICE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// auto: the CPU kernels where they apply; generic: candle's ops only, the operations the
+    /// GPU path runs (a check, slower) [default: auto].
+    #[arg(long, value_enum, env = "BLIP2_KERNELS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<KernelsName>,
     /// Address to listen on [default: 0.0.0.0].
     #[arg(long, env = "BLIP2_HOST")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -364,6 +393,10 @@ impl ServerConfig {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        let device = self.device_spec().map_err(|e| invalid("device", e))?;
+        if !device.compiled_in() {
+            return Err(invalid("device", device.open().err().unwrap_or_default()));
+        }
         if let Some(size) = self.default_image_size() {
             let size = size.map_err(|e| invalid("image_size", e))?;
             if size.height.max(size.width) > self.max_image_side {
@@ -439,6 +472,11 @@ impl ServerConfig {
 }
 
 impl ServerConfig {
+    /// `device`, parsed.
+    pub fn device_spec(&self) -> Result<crate::device::DeviceSpec, String> {
+        crate::device::DeviceSpec::parse(&self.device)
+    }
+
     /// `image_size` when set (empty: the checkpoint's), parsed.
     pub fn default_image_size(&self) -> Option<Result<crate::preprocess::ImageSize, String>> {
         let text = self.image_size.trim();
@@ -492,6 +530,8 @@ mod tests {
             revision: Some(String::new()),
             dtype: Some(DTypeName::F32),
             quantize: Some(QuantizeName::None),
+            device: Some(String::new()),
+            kernels: Some(KernelsName::Auto),
             host: Some(String::new()),
             port: Some(0),
             max_batch_size: Some(0),

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod generation;
 pub mod kernels;

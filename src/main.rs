@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::{Parser, Subcommand};
 
-use blip2_server::config::{DTypeName, LogFormat, QuantizeName, ServeArgs, ServerConfig};
+use blip2_server::config::{
+    DTypeName, KernelsName, LogFormat, QuantizeName, ServeArgs, ServerConfig,
+};
+use blip2_server::device::DeviceSpec;
 use blip2_server::generation::GenerationOverrides;
 use blip2_server::model::{ModelFiles, ModelSource};
 use blip2_server::preprocess::{ImageLimits, ImageSize};
@@ -92,6 +94,12 @@ struct GenerateArgs {
     /// smaller, not exact to the reference).
     #[arg(long, value_enum, default_value = "none")]
     quantize: QuantizeName,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu", value_parser = DeviceSpec::parse)]
+    device: DeviceSpec,
+    /// auto: the CPU kernels where they apply; generic: candle's ops only (the GPU's path).
+    #[arg(long, value_enum, default_value = "auto")]
+    kernels: KernelsName,
     /// Resize images to N or HxW pixels (multiples of the patch size) instead of the
     /// checkpoint's size; the position embeddings are interpolated as transformers'
     /// interpolate_pos_encoding=True does.
@@ -219,6 +227,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve_until_signal(config: ServerConfig) -> anyhow::Result<()> {
+    let options = serve_load_options(&config)?;
     let (host, port) = (config.host.as_str(), config.port);
     let socket = std::net::TcpListener::bind((host, port))
         .with_context(|| format!("binding {host}:{port}"))?;
@@ -240,7 +249,7 @@ async fn serve_until_signal(config: ServerConfig) -> anyhow::Result<()> {
         },
     ));
     let load = {
-        let (options, startup) = (serve_load_options(&config), startup.clone());
+        let startup = startup.clone();
         tokio::task::spawn_blocking(move || load(&source, &options, Some(&startup)))
     };
     let pipeline = tokio::select! {
@@ -265,7 +274,7 @@ async fn serve_until_signal(config: ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Finds the checkpoint's files and loads it on the CPU; with `startup`, each phase and
+/// Finds the checkpoint's files and loads it on the options' device; with `startup`, each phase and
 /// download is reported to it.
 fn load(
     source: &ModelSource,
@@ -299,17 +308,25 @@ fn load(
     Ok(pipeline)
 }
 
-/// What `serve`'s settings ask of the loader.
-fn serve_load_options(config: &ServerConfig) -> LoadOptions {
-    LoadOptions {
+/// What `serve`'s settings ask of the loader, with the device opened (a missing GPU or a
+/// build without CUDA fails here, before anything is read).
+fn serve_load_options(config: &ServerConfig) -> anyhow::Result<LoadOptions> {
+    let device = config
+        .device_spec()
+        .and_then(DeviceSpec::open)
+        .map_err(|e| anyhow::anyhow!("device: {e}"))?;
+    let options = LoadOptions {
         dtype: config.dtype.dtype(),
-        device: Device::Cpu,
+        device,
         limits: ImageLimits {
             max_bytes: config.max_image_bytes,
             max_pixels: config.max_image_pixels,
         },
         quantize: config.quantize.quantization(),
-    }
+        kernels: config.kernels.kernels(),
+    };
+    options.check().map_err(|e| anyhow::anyhow!(e))?;
+    Ok(options)
 }
 
 /// `generate`: one batch through the checkpoint, printed one line per sequence.
@@ -323,6 +340,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         json,
         dtype,
         quantize,
+        device,
+        kernels,
         image_size,
         max_image_bytes,
         max_image_pixels,
@@ -345,13 +364,17 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let source = ModelSource::parse(&model, Some(&revision))?;
     let options = LoadOptions {
         dtype: dtype.dtype(),
-        device: Device::Cpu,
+        device: device
+            .open()
+            .map_err(|e| anyhow::anyhow!("--device: {e}"))?,
         limits: ImageLimits {
             max_bytes: max_image_bytes,
             max_pixels: max_image_pixels,
         },
         quantize: quantize.quantization(),
+        kernels: kernels.kernels(),
     };
+    options.check().map_err(|e| anyhow::anyhow!(e))?;
     let mut pipeline = load(&source, &options, None)?;
     tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
     if let Some(size) = image_size {

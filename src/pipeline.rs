@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 
 use crate::generation::{DecodeBatch, GeneratedSequence, GenerationParams, SequenceRequest};
 use crate::model::{Blip2Model, ModelError, ModelFiles, ModelSource};
-use crate::nn::Quantization;
+use crate::nn::{Kernels, Quantization};
 use crate::preprocess::{ImageLimits, ImageProcessor, ImageSize, PreprocessError};
 use crate::prompt::{PromptBuilder, PromptError};
 
@@ -32,8 +32,32 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub limits: ImageLimits,
-    /// Quantise the vision encoder's and language model's linear weights at load.
+    /// Quantise the vision encoder's and language model's linear weights at load (CPU kernels
+    /// only).
     pub quantize: Option<Quantization>,
+    /// The CPU kernels, or candle's ops only (`nn::dispatch`); process-wide, set by the load.
+    pub kernels: Kernels,
+}
+
+impl LoadOptions {
+    /// The combinations that cannot run, refused before any weight is read.
+    pub fn check(&self) -> Result<(), String> {
+        let Some(q) = self.quantize else {
+            return Ok(());
+        };
+        if !self.device.is_cpu() {
+            return Err(format!(
+                "--quantize {q:?} runs on the CPU kernels only; on a GPU use --dtype f16 or bf16 \
+                 (or f32, exact to the reference)"
+            ));
+        }
+        if self.kernels == Kernels::Generic {
+            return Err(format!(
+                "--quantize {q:?} needs the CPU kernels: it cannot run with --kernels generic"
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for LoadOptions {
@@ -43,6 +67,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             limits: ImageLimits::default(),
             quantize: None,
+            kernels: Kernels::Auto,
         }
     }
 }
@@ -88,6 +113,8 @@ impl Blip2Pipeline {
     }
 
     pub fn load_files(files: &ModelFiles, options: &LoadOptions) -> Result<Self, PipelineError> {
+        options.check().map_err(PipelineError::Input)?;
+        crate::nn::set_kernels(options.kernels);
         let model =
             Blip2Model::load_quantized(files, options.dtype, &options.device, options.quantize)?;
         let ignored = model.config.generation.unsupported();

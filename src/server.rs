@@ -110,15 +110,6 @@ pub enum ServeError {
     ImageSize(String),
 }
 
-/// The device as `/info` reports it ("cpu", "cuda:0", "metal:0").
-fn device_name(device: &candle_core::Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
 /// What `/info` reports that does not change while the server runs.
 fn static_info(
     options: &ServeOptions,
@@ -132,7 +123,13 @@ fn static_info(
         model_type: model_type.to_string(),
         dtype: format!("{:?}", pipeline.model.dtype()).to_lowercase(),
         quantize: options.quantize.clone(),
-        device: device_name(pipeline.model.device()),
+        device: crate::device::location(pipeline.model.device()),
+        device_name: crate::device::hardware_name(pipeline.model.device()),
+        kernels: match crate::nn::kernels() {
+            crate::nn::Kernels::Auto => "auto",
+            crate::nn::Kernels::Generic => "generic",
+        }
+        .to_string(),
         max_batch_size: options.engine.max_batch_size,
         max_batch_tokens: options.engine.max_batch_tokens,
         max_queue: options.engine.max_queue,

@@ -6,7 +6,7 @@ mod common;
 
 use blip2_server::generation::GenerationParams;
 use blip2_server::model::ModelFiles;
-use blip2_server::{Blip2Pipeline, LoadOptions};
+use blip2_server::Blip2Pipeline;
 use common::*;
 use proptest::prelude::*;
 
@@ -107,7 +107,7 @@ fn run(pipeline: &Blip2Pipeline, specs: &[Spec]) -> Vec<Vec<Vec<u32>>> {
 
 fn check(model: &str, cases: u32) {
     let files = ModelFiles::from_dir(&model_dir(model)).unwrap();
-    let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+    let pipeline = Blip2Pipeline::load_files(&files, &load_options()).unwrap();
     // A fixed RNG: CI checks the same mixes every run (a kernel switch between batched and
     // alone prefill could in principle flip a near-tie; a fixed set keeps a failure reproducible).
     let mut runner = proptest::test_runner::TestRunner::new_with_rng(
@@ -154,7 +154,7 @@ fn t5_requests_decode_the_same_in_a_mixed_batch_as_alone() {
 fn join_mid_decode(model: &str) {
     use blip2_server::generation::{DecodeBatch, SequenceRequest};
     let files = ModelFiles::from_dir(&model_dir(model)).unwrap();
-    let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+    let pipeline = Blip2Pipeline::load_files(&files, &load_options()).unwrap();
     let specs = [
         Spec {
             image: 0,
@@ -244,7 +244,7 @@ fn cancelled_requests_leave_and_the_rest_continue() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let files = ModelFiles::from_dir(&model_dir("opt-tiny")).unwrap();
-    let pipeline = Blip2Pipeline::load_files(&files, &LoadOptions::default()).unwrap();
+    let pipeline = Blip2Pipeline::load_files(&files, &load_options()).unwrap();
     let specs = [
         Spec {
             image: 0,

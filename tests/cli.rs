@@ -356,6 +356,97 @@ fn bf16_on_the_cpu_is_refused_with_what_to_use_instead() {
     assert_clean_error(&out, "--quantize q8_0");
 }
 
+/// CUDA asked of a build without it (or of a machine without a GPU) is one line naming what to
+/// do, exit status 1, before any weight is read: for serve and for generate.
+#[test]
+fn cuda_without_a_gpu_or_the_feature_is_one_line_and_exit_1() {
+    let model = model_dir("opt-tiny");
+    let image = image_path("rgb_640x480.png");
+    let needle = if cfg!(feature = "cuda") {
+        "cannot open cuda:0"
+    } else {
+        "built without CUDA"
+    };
+    for args in [
+        vec![
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ],
+        vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--device",
+            "cuda:0",
+        ],
+    ] {
+        let out = blip2(&args);
+        assert_clean_error(&out, needle);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+    }
+    let out = blip2(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "gpu",
+    ]);
+    assert_clean_error(&out, "expected \"cpu\", \"cuda\" or \"cuda:N\"");
+}
+
+/// Quantised weights run on the CPU kernels only: with --kernels generic they are refused,
+/// never silently served as f32.
+#[test]
+fn quantize_with_generic_kernels_is_refused() {
+    let model = model_dir("opt-tiny");
+    let image = image_path("rgb_640x480.png");
+    let out = blip2(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--kernels",
+        "generic",
+        "--quantize",
+        "q8_0",
+    ]);
+    assert_clean_error(&out, "cannot run with --kernels generic");
+}
+
+/// The generic kernels (candle's ops only, the GPU's code path) give the CPU kernels' tokens
+/// (which the goldens check; CI also runs the parity tests with BLIP2_TEST_KERNELS=generic).
+#[test]
+fn generate_with_generic_kernels_gives_the_same_tokens() {
+    let model = model_dir("opt-tiny");
+    let image = image_path("rgb_640x480.png");
+    let run = |kernels: &str| {
+        let out = blip2(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--kernels",
+            kernels,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["token_ids"].clone()
+    };
+    assert_eq!(run("generic"), run("auto"));
+}
+
 /// Beam search through the CLI: one JSON line per returned sequence, the reference's tokens.
 #[test]
 fn generate_beam_search_flags_match_reference() {

@@ -18,7 +18,7 @@ const ACTIVATION_TOL: f32 = 1e-4;
 
 fn load(model: &str) -> Blip2Pipeline {
     let files = ModelFiles::from_dir(&model_dir(model)).expect("fixture files");
-    Blip2Pipeline::load_files(&files, &LoadOptions::default()).expect("fixture loads")
+    Blip2Pipeline::load_files(&files, &load_options()).expect("fixture loads")
 }
 
 fn read_images(case: &GoldenCase) -> Vec<Vec<u8>> {
@@ -65,7 +65,7 @@ fn check_model(name: &str) {
             .collect();
         let pixel_values = pipeline
             .images
-            .batch_tensor(&pixels, &candle_core::Device::Cpu)
+            .batch_tensor(&pixels, pipeline.model.device())
             .unwrap();
         let features = pipeline.model.image_features(&pixel_values).unwrap();
         let built: Vec<_> = prompts
@@ -212,15 +212,12 @@ fn reduced_precision_runs_close_to_f32() {
         let logits = |dtype| {
             let options = LoadOptions {
                 dtype,
-                ..LoadOptions::default()
+                ..load_options()
             };
             let p = Blip2Pipeline::load_files(&files, &options).unwrap();
             let img = std::fs::read(image_path("rgb_640x480.png")).unwrap();
             let px = p.images.pixel_values(&img).unwrap();
-            let pv = p
-                .images
-                .batch_tensor(&[px], &candle_core::Device::Cpu)
-                .unwrap();
+            let pv = p.images.batch_tensor(&[px], p.model.device()).unwrap();
             let f = p.model.image_features(&pv).unwrap();
             let prompt = p.prompts.build(Some("a photo of")).unwrap();
             let request = SequenceRequest::new(prompt, GenerationParams::default());

@@ -11,6 +11,10 @@ the model size.
 
 The tokenizer is copied from a tiny fixture (its ids all fall inside the real vocabulary);
 `image_token_index` stays the real one, which is all the model side reads.
+
+With --shapes-only no weights are written: `tensor_shapes.json` lists every tensor's name and
+shape instead, and `examples/bench --random-weights` builds the model from random values on its
+device (a 15 GB checkpoint need not travel to a GPU machine to be timed there).
 """
 import argparse
 import json
@@ -68,6 +72,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", choices=sorted(ARCHS), default="opt-2.7b")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes-only", action="store_true", help="write tensor_shapes.json, not the weights")
     ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     args = ap.parse_args()
     spec = ARCHS[args.arch]
@@ -91,6 +96,12 @@ def main():
                 names.pop(key)  # tied to `shared`
     os.makedirs(args.out, exist_ok=True)
     config.save_pretrained(args.out)
+    if args.shapes_only:
+        with open(os.path.join(args.out, "tensor_shapes.json"), "w") as f:
+            json.dump({k: list(v) for k, v in sorted(names.items())}, f, indent=0)
+        copy_processor(args, spec)
+        print(f"{len(names)} tensor shapes; transformers {transformers.__version__}")
+        return
 
     # Plan shards.
     shards, current, size = [], [], 0
@@ -135,6 +146,12 @@ def main():
         print(f"wrote {fname} ({offset / 1e9:.2f} GB)", flush=True)
     with open(os.path.join(args.out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    copy_processor(args, spec)
+    print(f"total {total / 1e9:.2f} GB in {len(shards)} shards; transformers {transformers.__version__}")
+
+
+def copy_processor(args, spec):
+    """The tokenizer and image processor files, from the tiny fixture."""
     src = os.path.join(args.fixtures, "models", spec["tokenizer_from"])
     if not os.path.isdir(src):
         print(f"no tokenizer copied: {src} does not exist (run tools/make_fixtures.py first)")
@@ -147,7 +164,6 @@ def main():
     pre["size"] = {"height": 224, "width": 224}
     with open(os.path.join(args.out, "preprocessor_config.json"), "w") as f:
         json.dump(pre, f, indent=2)
-    print(f"total {total / 1e9:.2f} GB in {len(shards)} shards; transformers {transformers.__version__}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,12 @@ pub struct StaticInfo {
     pub model_type: String,
     pub dtype: String,
     pub quantize: String,
+    /// Where the model runs: "cpu", "cuda:0", ...
     pub device: String,
+    /// The hardware's name (the GPU's, or the CPU's model name).
+    pub device_name: String,
+    /// "auto" (the CPU kernels where they apply) or "generic" (candle's ops only).
+    pub kernels: String,
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
     pub max_queue: usize,

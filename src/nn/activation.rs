@@ -33,10 +33,13 @@ impl Activation {
     }
 }
 
-/// Exact (erf) GELU: the CPU kernel for contiguous f32 tensors, candle's op otherwise.
+/// Exact (erf) GELU: the CPU kernel for contiguous f32 tensors, candle's op otherwise (and
+/// everywhere with `--kernels generic`).
 fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    match crate::kernels::cpu::gelu::gelu_erf(xs)? {
-        Some(ys) => Ok(ys),
-        None => xs.gelu_erf(),
+    if super::dispatch::cpu_kernels_for(xs) {
+        if let Some(ys) = crate::kernels::cpu::gelu::gelu_erf(xs)? {
+            return Ok(ys);
+        }
     }
+    xs.gelu_erf()
 }

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::dispatch::cpu_kernels_for;
 use crate::kernels::cpu::attention::attend_one_query;
 
 /// `xs * factor`, computed in f32 as torch does for half dtypes (candle would round the factor
@@ -19,10 +20,12 @@ pub fn scale(xs: &Tensor, factor: f64) -> Result<Tensor> {
 /// `softmax(q k^T + bias) v` with q [B, H, S, hd], k and v [B, H, T, hd] and an additive
 /// `bias` broadcastable to [B, H, S, T] (masks with f32::MIN, T5's position bias). Scores and
 /// softmax run in f32 whatever the weights' dtype, as the reference does. One query per row with
-/// a [B, 1, 1, T] mask in f32 on the CPU takes the decode-step kernel.
+/// a [B, 1, 1, T] mask in f32 on the CPU takes the decode-step kernel (unless `--kernels generic`).
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if let Some(ctx) = attend_one_query(q, k, v, bias)? {
-        return Ok(ctx);
+    if cpu_kernels_for(q) {
+        if let Some(ctx) = attend_one_query(q, k, v, bias)? {
+            return Ok(ctx);
+        }
     }
     let scores = q
         .matmul(&k.t()?)?

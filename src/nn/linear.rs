@@ -4,7 +4,7 @@
 //! the device, dtype and shape: inputs of at most [`SKINNY_ROWS`] rows (decode steps) whose
 //! weights are f32 on the CPU go through `kernels::cpu::decode` (the cost is reading the
 //! weights, whatever the batch); q8_0 weights through `kernels::cpu::q8`; everything else
-//! (prefill, the vision encoder, other devices) through candle's matmul.
+//! (prefill, the vision encoder, other devices, `--kernels generic`) through candle's matmul.
 //!
 //! Quantisation (q8_0, q4k, per-channel int8) is an explicit argument of the constructor: the loader asks for it
 //! for the vision encoder and the language model, so the f32 copy of a quantised model never
@@ -16,6 +16,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::dispatch::{cpu_kernels_for, Kernels};
 use crate::kernels::cpu::decode::skinny_matmul;
 pub use crate::kernels::cpu::decode::SKINNY_ROWS;
 use crate::kernels::cpu::q8::Q8Matrix;
@@ -66,17 +67,28 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// From a weight in the checkpoint's [out, in] layout, quantised when `quantize` asks and the
-    /// weight is on the CPU (q4k where the input width is a multiple of 256, else q8_0 where it is
-    /// a multiple of 32, else kept as it is).
+    /// From a weight in the checkpoint's [out, in] layout, quantised when `quantize` asks (q4k
+    /// where the input width is a multiple of 256, else q8_0 where it is a multiple of 32, else
+    /// kept as it is). Quantised weights run on the CPU kernels only: asking for them on another
+    /// device or with `--kernels generic` is an error, never silently ignored.
     pub fn new(
         weight: Tensor,
         bias: Option<Tensor>,
         quantize: Option<Quantization>,
     ) -> Result<Self> {
         let weight = match quantize {
-            Some(q) if weight.device().is_cpu() => self::quantize(&weight, q)?,
-            _ => None,
+            Some(_) if !weight.device().is_cpu() => {
+                candle_core::bail!(
+                    "--quantize runs on the CPU only; on a GPU use --dtype f16 or bf16"
+                )
+            }
+            Some(_) if super::dispatch::kernels() == Kernels::Generic => {
+                candle_core::bail!(
+                    "--quantize needs the CPU kernels: it cannot run with --kernels generic"
+                )
+            }
+            Some(q) => self::quantize(&weight, q)?,
+            None => None,
         }
         .unwrap_or(Weight::Dense(weight.contiguous()?));
         Ok(Self { weight, bias })
@@ -160,7 +172,7 @@ impl Linear {
         let n = weight.dim(0)?;
         let (x2, rows, shape) = rows_of(xs, n)?;
         let k = x2.dim(1)?;
-        let skinny = rows <= SKINNY_ROWS && xs.dtype() == DType::F32 && xs.device().is_cpu();
+        let skinny = rows <= SKINNY_ROWS && xs.dtype() == DType::F32 && cpu_kernels_for(xs);
         let fast = if skinny {
             let x = x2.flatten_all()?.to_vec1::<f32>()?;
             with_f32_slice(weight, |w| skinny_matmul(&x, w, rows, k, n))?

@@ -7,10 +7,35 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+/// tests/fixtures of this checkout, or of `BLIP2_TEST_ROOT` (a test binary run elsewhere than
+/// where it was built, as tools/device_check.sh does on the GPU machine).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
+    let root = std::env::var_os("BLIP2_TEST_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf());
+    root.join("tests").join("fixtures")
+}
+
+/// The load options of the parity and batching tests: the CPU with its kernels unless
+/// `BLIP2_TEST_KERNELS=generic` (candle's ops only: the operations the GPU path runs; `.ci/run`
+/// runs both) or `BLIP2_TEST_DEVICE=cuda:N` (a CUDA build on a GPU: tools/device_check.sh).
+pub fn load_options() -> blip2_server::LoadOptions {
+    use blip2_server::device::DeviceSpec;
+    use blip2_server::nn::Kernels;
+    let device = std::env::var("BLIP2_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = DeviceSpec::parse(&device)
+        .and_then(DeviceSpec::open)
+        .unwrap_or_else(|e| panic!("BLIP2_TEST_DEVICE: {e}"));
+    let kernels = match std::env::var("BLIP2_TEST_KERNELS").as_deref() {
+        Ok("generic") => Kernels::Generic,
+        Ok("auto") | Err(_) => Kernels::Auto,
+        Ok(other) => panic!("BLIP2_TEST_KERNELS={other}: expected auto or generic"),
+    };
+    blip2_server::LoadOptions {
+        device,
+        kernels,
+        ..Default::default()
+    }
 }
 
 pub fn model_dir(name: &str) -> PathBuf {
@@ -72,7 +97,11 @@ pub fn load_golden(model: &str) -> (Golden, HashMap<String, Tensor>) {
 /// Largest absolute difference; panics on a shape mismatch.
 pub fn max_abs_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
     assert_eq!(ours.dims(), theirs.dims(), "shapes differ");
+    // On the host: a test may run the model on a GPU (BLIP2_TEST_DEVICE), the goldens are read
+    // on the CPU.
     let ours = ours
+        .to_device(&Device::Cpu)
+        .unwrap()
         .to_dtype(candle_core::DType::F32)
         .unwrap()
         .flatten_all()
