@@ -111,6 +111,8 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     pub request_timeout_s: u64,
     pub max_body_bytes: usize,
+    pub max_buffered_bytes: usize,
+    pub max_buffered_wait_ms: u64,
     pub max_image_bytes: usize,
     pub max_image_pixels: u64,
     pub max_images_per_request: usize,
@@ -206,6 +208,16 @@ pub struct ServeArgs {
     #[arg(long, env = "BLIP2_MAX_BODY_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<usize>,
+    /// Memory budget of request bodies being read and decoded at once, in bytes; a body
+    /// reserves 4x its length until its images are preprocessed (503 + Retry-After when the
+    /// budget stays full for max_buffered_wait_ms) [default: 268435456].
+    #[arg(long, env = "BLIP2_MAX_BUFFERED_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_buffered_bytes: Option<usize>,
+    /// How long a request waits for room in max_buffered_bytes before its 503 [default: 2000].
+    #[arg(long, env = "BLIP2_MAX_BUFFERED_WAIT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_buffered_wait_ms: Option<u64>,
     /// Largest image file, in bytes [default: 20971520].
     #[arg(long, env = "BLIP2_MAX_IMAGE_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -378,7 +390,7 @@ impl ServerConfig {
                 "no model given: pass --model <dir|hub-id>, BLIP2_MODEL, or `model` in a --config file",
             ));
         }
-        let at_least_one: [(&'static str, usize); 8] = [
+        let at_least_one: [(&'static str, usize); 9] = [
             ("max_image_side", self.max_image_side),
             ("max_batch_size", self.max_batch_size),
             ("max_batch_tokens", self.max_batch_tokens),
@@ -386,6 +398,7 @@ impl ServerConfig {
             ("max_concurrent_requests", self.max_concurrent_requests),
             ("max_images_per_request", self.max_images_per_request),
             ("max_prompt_tokens", self.max_prompt_tokens),
+            ("max_buffered_bytes", self.max_buffered_bytes),
             ("preprocess_workers", self.preprocess_workers),
         ];
         for (key, value) in at_least_one {
@@ -541,6 +554,8 @@ mod tests {
             max_concurrent_requests: Some(0),
             request_timeout_s: Some(0),
             max_body_bytes: Some(0),
+            max_buffered_bytes: Some(0),
+            max_buffered_wait_ms: Some(0),
             max_image_bytes: Some(0),
             max_image_pixels: Some(0),
             max_images_per_request: Some(0),

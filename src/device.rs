@@ -60,7 +60,10 @@ impl fmt::Display for DeviceSpec {
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device, String> {
     Device::new_cuda(ordinal).map_err(|e| {
-        let detail = format!("{e}").replace('\n', " ");
+        // candle appends a backtrace to CUDA errors (when RUST_BACKTRACE asks): the first line
+        // is the error.
+        let text = e.to_string();
+        let detail = text.lines().next().unwrap_or_default().trim();
         format!("cannot open cuda:{ordinal}: {detail} (is a GPU present, and its driver loaded?)")
     })
 }

@@ -27,6 +27,10 @@ use crate::startup::Startup;
 pub struct ServeOptions {
     pub engine: EngineConfig,
     pub max_body_bytes: usize,
+    /// Memory budget of bodies being read and decoded (`max_buffered_bytes`), and how long a
+    /// request waits for room in it.
+    pub max_buffered_bytes: usize,
+    pub max_buffered_wait: Duration,
     pub max_concurrent_requests: usize,
     pub request_timeout: Option<Duration>,
     pub max_images_per_request: usize,
@@ -61,6 +65,8 @@ impl ServeOptions {
         Self {
             engine: EngineConfig::from_config(c),
             max_body_bytes: c.max_body_bytes,
+            max_buffered_bytes: c.max_buffered_bytes,
+            max_buffered_wait: Duration::from_millis(c.max_buffered_wait_ms),
             max_concurrent_requests: c.max_concurrent_requests,
             request_timeout: (c.request_timeout_s > 0)
                 .then(|| Duration::from_secs(c.request_timeout_s)),
@@ -191,6 +197,11 @@ pub async fn run(
         vqa_template,
         decode_permits: Semaphore::new(options.preprocess_workers.max(1)),
         in_flight: Arc::new(Semaphore::new(options.max_concurrent_requests.max(1))),
+        buffered: crate::api::ByteBudget::new(
+            options.max_buffered_bytes,
+            options.max_buffered_wait,
+            options.max_body_bytes,
+        ),
         info,
         ready: AtomicBool::new(true),
         metrics,

@@ -874,3 +874,226 @@ fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// A copy of a fixture checkpoint whose weights file(s) `spoil` rewrites.
+fn spoiled_checkpoint(tag: &str, from: &str, spoil: impl FnOnce(&std::path::Path)) -> PathBuf {
+    let dir = temp_dir(tag);
+    for entry in std::fs::read_dir(model_dir(from)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    spoil(&dir);
+    dir
+}
+
+/// Rewrites a safetensors file's header with `edit` (the data bytes stay as they are).
+fn edit_header(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    // Offsets count from the end of the header: one of another length keeps them right.
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// The first tensor of a header (by name) that is not `__metadata__`.
+fn some_tensor(header: &serde_json::Value) -> String {
+    let mut names: Vec<&String> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .collect();
+    names.sort();
+    names[0].clone()
+}
+
+/// Every malformed-checkpoint case is refused in one line naming the file (and the tensor where
+/// one is at fault), exit status 1: a truncated shard, offsets past the end, a dtype that does
+/// not match the bytes, a shape that does not match the config, an index naming a missing file.
+#[test]
+fn malformed_checkpoints_are_one_line_errors_naming_file_and_tensor() {
+    let image = image_path("rgb_640x480.png");
+    let weights = |dir: &std::path::Path| dir.join("model.safetensors");
+    let mut tensor = String::new();
+    let mut cases: Vec<(PathBuf, Vec<String>)> = Vec::new();
+
+    let dir = spoiled_checkpoint("trunc", "opt-tiny", |d| {
+        let bytes = std::fs::read(weights(d)).unwrap();
+        std::fs::write(weights(d), &bytes[..bytes.len() - 1000]).unwrap();
+    });
+    cases.push((dir, vec!["model.safetensors".into(), "truncated".into()]));
+
+    let dir = spoiled_checkpoint("offsets", "opt-tiny", |d| {
+        edit_header(&weights(d), |h| {
+            tensor = some_tensor(h);
+            let offsets = &mut h[&tensor]["data_offsets"];
+            let (a, b) = (offsets[0].as_u64().unwrap(), offsets[1].as_u64().unwrap());
+            *offsets = serde_json::json!([a + 1_000_000_000, b + 1_000_000_000]);
+        })
+    });
+    cases.push((
+        dir,
+        vec![
+            "model.safetensors".into(),
+            tensor.clone(),
+            "past the end".into(),
+        ],
+    ));
+
+    let dir = spoiled_checkpoint("dtype", "opt-tiny", |d| {
+        edit_header(&weights(d), |h| {
+            tensor = some_tensor(h);
+            h[&tensor]["dtype"] = "F16".into();
+        })
+    });
+    cases.push((
+        dir,
+        vec![
+            "model.safetensors".into(),
+            tensor.clone(),
+            "dtype F16".into(),
+        ],
+    ));
+
+    let dir = spoiled_checkpoint("shape", "opt-tiny", |d| {
+        edit_header(&weights(d), |h| {
+            tensor = some_tensor(h);
+            // Same element count, other shape: the bytes agree, the config does not.
+            let shape = h[&tensor]["shape"].as_array().unwrap().clone();
+            let n: u64 = shape.iter().map(|d| d.as_u64().unwrap()).product();
+            h[&tensor]["shape"] = if shape.len() == 1 {
+                serde_json::json!([n, 1])
+            } else {
+                serde_json::json!([n])
+            };
+        })
+    });
+    cases.push((
+        dir,
+        vec![
+            "model.safetensors".into(),
+            tensor.clone(),
+            "config implies".into(),
+        ],
+    ));
+
+    let dir = spoiled_checkpoint("index", "opt-tiny-legacy", |d| {
+        std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    });
+    cases.push((dir, vec!["model-00002-of-00002.safetensors".into()]));
+
+    for (dir, needles) in cases {
+        let out = blip2(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+        ]);
+        println!("{}", String::from_utf8_lossy(&out.stderr).trim_end());
+        for needle in &needles {
+            assert_clean_error(&out, needle);
+        }
+        assert_eq!(out.status.code(), Some(1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Resident and peak resident memory of a process, in bytes.
+fn rss_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// 128 bodies of 20 MB (garbage images) arrive at once: the body budget (max_buffered_bytes,
+/// 256 MiB by default) holds the server's peak RSS growth under the budget plus a margin, and
+/// every request is answered: 4xx for the garbage, 503 (with Retry-After) for those that found
+/// no room in time, none lost, no 5xx other than that 503.
+#[test]
+fn a_flood_of_large_bodies_stays_within_the_memory_budget() {
+    const BODIES: usize = 128;
+    const BUDGET: u64 = 256 << 20;
+    const MARGIN: u64 = 96 << 20;
+    let (mut child, addr) = spawn_server(&[], &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/caption");
+    // Warm up: the allocator's arenas and the runtime's threads exist before the baseline.
+    let small = std::fs::read(image_path("rgb_640x480.png")).unwrap();
+    let warm =
+        serde_json::json!({"image": base64_encode(&small), "parameters": {"max_new_tokens": 2}});
+    runtime.block_on(async {
+        let r = client.post(&url).json(&warm).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    let (before, _) = rss_of(child.id());
+    let mut body = br#"{"image": ""#.to_vec();
+    body.resize(body.len() + 20_000_000, b'A');
+    body.extend_from_slice(br#""}"#);
+    let body = axum::body::Bytes::from(body);
+    let statuses: Vec<u16> = runtime.block_on(async {
+        let sends = (0..BODIES).map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("every request is answered");
+                if r.status() == 503 {
+                    assert!(r.headers().contains_key("retry-after"));
+                }
+                r.status().as_u16()
+            })
+        });
+        futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect()
+    });
+    let (_, peak) = rss_of(child.id());
+    let growth = peak.saturating_sub(before);
+    let mut by_status = std::collections::BTreeMap::new();
+    for s in &statuses {
+        *by_status.entry(*s).or_insert(0) += 1;
+    }
+    println!(
+        "{BODIES} bodies of 20 MB: statuses {by_status:?}; RSS {} MiB before, peak {} MiB (growth {} MiB; budget {} MiB)",
+        before >> 20,
+        peak >> 20,
+        growth >> 20,
+        BUDGET >> 20
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(statuses.len(), BODIES);
+    assert!(
+        statuses
+            .iter()
+            .all(|&s| (400..500).contains(&s) || s == 503),
+        "{by_status:?}"
+    );
+    assert!(
+        growth < BUDGET + MARGIN,
+        "peak RSS grew by {} MiB",
+        growth >> 20
+    );
+}

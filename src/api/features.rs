@@ -207,7 +207,7 @@ async fn handle(s: Arc<AppState>, request: Request) -> Result<Response, ApiError
         permit,
         deadline,
         incoming,
-    } = infer::admit(&s)?;
+    } = infer::admit(&s, request.headers()).await?;
     let input = read(&s, request).await?;
     let n = input.images.len();
     if n > s.limits.max_images_per_request {

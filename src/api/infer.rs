@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant as Deadline;
 
+use super::budget::Reservation;
 use super::error::ApiError;
 use super::fetch;
 use super::input::{self, Endpoint, ImageSource, Input, Parameters};
@@ -64,31 +65,44 @@ impl Drop for CancelOnDrop {
 }
 
 /// What a request holds from its admission to its answer: an in-flight slot, the deadline, and
-/// (until its jobs are queued) the worker's notice that it is on its way.
+/// (until its jobs are queued) the worker's notice that it is on its way and its share of the
+/// body memory budget.
 pub(super) struct Admitted {
     pub(super) permit: OwnedSemaphorePermit,
     pub(super) deadline: Option<Deadline>,
-    pub(super) incoming: Incoming,
+    pub(super) incoming: Receiving,
 }
 
-/// Takes an in-flight slot (429 when none is free) and checks the worker runs (503).
-pub(super) fn admit(s: &AppState) -> Result<Admitted, ApiError> {
+/// Held while a request's body is read and its images decoded; dropped once its jobs are
+/// queued (or it failed).
+pub(super) struct Receiving {
+    _incoming: Incoming,
+    _body: Reservation,
+}
+
+/// Takes an in-flight slot (429 when none is free), checks the worker runs (503), then
+/// reserves the body's memory (waiting for room, else 503).
+pub(super) async fn admit(s: &AppState, headers: &HeaderMap) -> Result<Admitted, ApiError> {
     let deadline = s.limits.request_timeout.map(|t| Deadline::now() + t);
     let permit = s.in_flight.clone().try_acquire_owned().map_err(|_| {
         ApiError::overloaded("too many requests in flight (max_concurrent_requests)")
     })?;
-    // Until it is queued (or fails), an idle worker may wait for this request to batch it
-    // with the ones that arrived just before it.
-    let incoming = s.engine.incoming();
     // Not `is_ready`: while draining, /ready already answers 503 but requests that still
     // arrive (for `shutdown_delay_s`, until the balancer notices) are served.
     if !s.engine.is_running() {
         return Err(ApiError::unavailable("the model worker has stopped"));
     }
+    let body = s.buffered.reserve(headers).await?;
+    // Until it is queued (or fails), an idle worker may wait for this request to batch it
+    // with the ones that arrived just before it.
+    let incoming = s.engine.incoming();
     Ok(Admitted {
         permit,
         deadline,
-        incoming,
+        incoming: Receiving {
+            _incoming: incoming,
+            _body: body,
+        },
     })
 }
 
@@ -106,7 +120,7 @@ async fn handle(
         permit,
         deadline,
         incoming,
-    } = admit(&s)?;
+    } = admit(&s, request.headers()).await?;
     let stream_header = wants_sse(request.headers());
     let Input {
         images,

@@ -3,6 +3,7 @@
 //! `/info`, `/metrics`, `/openapi.json`, `/docs`. Every answer carries an `x-request-id`; errors
 //! are `{error, error_type}` with the matching status (OpenAI's shape on OpenAI's routes).
 
+mod budget;
 mod error;
 mod features;
 pub mod fetch;
@@ -11,6 +12,8 @@ mod input;
 mod loading;
 mod openai;
 pub mod wire;
+
+pub use budget::ByteBudget;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,6 +75,8 @@ pub struct AppState {
     pub decode_permits: Semaphore,
     /// Requests in flight (max_concurrent_requests).
     pub in_flight: Arc<Semaphore>,
+    /// Memory of bodies being read and decoded (max_buffered_bytes).
+    pub buffered: ByteBudget,
     pub info: wire::StaticInfo,
     /// False until started and while draining.
     pub ready: AtomicBool,

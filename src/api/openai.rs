@@ -518,7 +518,7 @@ async fn chat(s: Arc<AppState>, request: Request) -> Result<Response, ApiError> 
         permit,
         deadline,
         incoming,
-    } = infer::admit(&s)?;
+    } = infer::admit(&s, request.headers()).await?;
     let input = read_body(&s, request).await?.into_input()?;
     let details = input.parameters.details;
     let endpoint = if input.text.is_some() {

@@ -324,12 +324,34 @@ impl SafetensorsWeights {
                     .map_err(|e| bad(format!("tensor {name}: {e}")))?;
                 let dtype = parse_dtype(&h.dtype)
                     .ok_or_else(|| bad(format!("tensor {name}: unsupported dtype {}", h.dtype)))?;
-                let (start, end) = (data_start + h.data_offsets.0, data_start + h.data_offsets.1);
-                let expected =
-                    h.shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
-                if end < start || end - start != expected || end > file_len {
+                // Checked: a header may claim anything (offsets near u64::MAX, dimensions whose
+                // product overflows), and it must be refused, never wrap or panic.
+                let range = data_start
+                    .checked_add(h.data_offsets.0)
+                    .zip(data_start.checked_add(h.data_offsets.1));
+                let expected = h
+                    .shape
+                    .iter()
+                    .try_fold(dtype.size_in_bytes() as u64, |n, &d| {
+                        n.checked_mul(d as u64)
+                    });
+                let (Some((start, end)), Some(expected)) = (range, expected) else {
                     return Err(bad(format!(
-                        "tensor {name}: byte range does not match its shape {:?} (file truncated?)",
+                        "tensor {name}: offsets {:?} or shape {:?} out of range",
+                        h.data_offsets, h.shape
+                    )));
+                };
+                if end > file_len {
+                    return Err(bad(format!(
+                        "tensor {name}: its bytes end at {end}, past the end of the file \
+                         ({file_len} bytes): truncated or corrupt"
+                    )));
+                }
+                if end < start || end - start != expected {
+                    return Err(bad(format!(
+                        "tensor {name}: {} bytes, but dtype {} and shape {:?} need {expected}",
+                        end.saturating_sub(start),
+                        h.dtype,
                         h.shape
                     )));
                 }
@@ -414,7 +436,8 @@ impl SimpleBackend for SafetensorsWeights {
         })?;
         if entry.shape.as_slice() != s.dims() {
             return Err(candle_core::Error::Msg(format!(
-                "tensor {name} has shape {:?} in the checkpoint, the config implies {:?}",
+                "{}: tensor {name} has shape {:?} in the checkpoint, the config implies {:?}",
+                self.files[entry.file].0.display(),
                 entry.shape,
                 s.dims()
             )));
