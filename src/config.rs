@@ -109,6 +109,9 @@ pub struct ServerConfig {
     pub max_queue: usize,
     pub max_wait_ms: u64,
     pub max_concurrent_requests: usize,
+    pub max_connections: usize,
+    pub header_timeout_s: u64,
+    pub body_timeout_s: u64,
     pub request_timeout_s: u64,
     pub max_body_bytes: usize,
     pub max_buffered_bytes: usize,
@@ -200,6 +203,20 @@ pub struct ServeArgs {
     #[arg(long, env = "BLIP2_MAX_CONCURRENT_REQUESTS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<usize>,
+    /// Connections open at once; more wait in the listen backlog [default: 2048].
+    #[arg(long, env = "BLIP2_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Seconds a request head has to arrive, counted from when the connection waits for it
+    /// (so it also closes idle keep-alive connections: keep it above the balancer's idle
+    /// timeout) [default: 75].
+    #[arg(long, env = "BLIP2_HEADER_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout_s: Option<u64>,
+    /// Seconds the whole request body has to arrive after its head (408 after it) [default: 60].
+    #[arg(long, env = "BLIP2_BODY_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_timeout_s: Option<u64>,
     /// Seconds before an unfinished request is cancelled and answered 504; 0 = none [default: 300].
     #[arg(long, env = "BLIP2_REQUEST_TIMEOUT_S")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -390,7 +407,7 @@ impl ServerConfig {
                 "no model given: pass --model <dir|hub-id>, BLIP2_MODEL, or `model` in a --config file",
             ));
         }
-        let at_least_one: [(&'static str, usize); 9] = [
+        let at_least_one: [(&'static str, usize); 12] = [
             ("max_image_side", self.max_image_side),
             ("max_batch_size", self.max_batch_size),
             ("max_batch_tokens", self.max_batch_tokens),
@@ -399,6 +416,9 @@ impl ServerConfig {
             ("max_images_per_request", self.max_images_per_request),
             ("max_prompt_tokens", self.max_prompt_tokens),
             ("max_buffered_bytes", self.max_buffered_bytes),
+            ("max_connections", self.max_connections),
+            ("header_timeout_s", self.header_timeout_s as usize),
+            ("body_timeout_s", self.body_timeout_s as usize),
             ("preprocess_workers", self.preprocess_workers),
         ];
         for (key, value) in at_least_one {
@@ -552,6 +572,9 @@ mod tests {
             max_queue: Some(0),
             max_wait_ms: Some(0),
             max_concurrent_requests: Some(0),
+            max_connections: Some(0),
+            header_timeout_s: Some(0),
+            body_timeout_s: Some(0),
             request_timeout_s: Some(0),
             max_body_bytes: Some(0),
             max_buffered_bytes: Some(0),

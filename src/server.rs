@@ -32,6 +32,10 @@ pub struct ServeOptions {
     pub max_buffered_bytes: usize,
     pub max_buffered_wait: Duration,
     pub max_concurrent_requests: usize,
+    /// Per connection: the request-head timeout; and how many are open at once.
+    pub connections: ConnectionLimits,
+    /// The whole request body must arrive within this long (408 after it).
+    pub body_timeout: Duration,
     pub request_timeout: Option<Duration>,
     pub max_images_per_request: usize,
     /// Resize images to this size instead of the checkpoint's (`image_size`).
@@ -68,6 +72,11 @@ impl ServeOptions {
             max_buffered_bytes: c.max_buffered_bytes,
             max_buffered_wait: Duration::from_millis(c.max_buffered_wait_ms),
             max_concurrent_requests: c.max_concurrent_requests,
+            connections: ConnectionLimits {
+                header_timeout: Duration::from_secs(c.header_timeout_s),
+                max_connections: c.max_connections,
+            },
+            body_timeout: Duration::from_secs(c.body_timeout_s),
             request_timeout: (c.request_timeout_s > 0)
                 .then(|| Duration::from_secs(c.request_timeout_s)),
             max_images_per_request: c.max_images_per_request,
@@ -185,6 +194,7 @@ pub async fn run(
         max_image_side: options.max_image_side,
         max_positions: lm.position_limit(),
         request_timeout: options.request_timeout,
+        body_timeout: options.body_timeout,
     };
     let info = static_info(&options, lm.model_type(), &pipeline, &vqa_template);
     let metrics = Arc::new(Metrics::new()?);
@@ -239,7 +249,12 @@ pub async fn run(
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
     let router = app(state.clone());
-    let serve = axum::serve(listener, router).with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let serve = serve_connections(
+        listener,
+        router,
+        options.connections,
+        wait_stop(stop_rx.clone()),
+    );
     let grace = options.shutdown_grace;
     let drained = tokio::select! {
         served = serve => { served?; true }
@@ -255,6 +270,77 @@ pub async fn run(
     drop(state);
     // The worker ends once every handle is gone and its running requests are done.
     let _ = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || worker.join())).await;
+    Ok(())
+}
+
+/// What each connection may take: the time a request head has to arrive (counted from when the
+/// connection starts waiting for it, so it also ends idle keep-alive connections), and how many
+/// connections are open at once (more wait in the listen backlog).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Accepts connections on `listener` and serves `router` on each (HTTP/1 and HTTP/2), within
+/// `limits`, until `stop` resolves; then stops accepting, lets every connection finish its
+/// requests (graceful shutdown) and returns when the last one closes.
+async fn serve_connections(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Closed (all senders gone) when the server stops: each connection shuts down gracefully.
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(());
+    // Each connection holds a receiver: the last to close ends the wait below.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(std::io::Error::other)?,
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors or a connection reset before it was accepted:
+                    // not fatal; back off a little and go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let (mut stopping, open) = (stopping_rx.clone(), open_rx.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopping.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop((slot, open));
+        });
+    }
+    drop(listener);
+    drop(stopping_tx);
+    drop(open_rx);
+    open_tx.closed().await;
     Ok(())
 }
 

@@ -95,6 +95,7 @@ impl IntoResponse for ApiError {
             self.status,
             StatusCode::UNAUTHORIZED
                 | StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::REQUEST_TIMEOUT
                 | StatusCode::TOO_MANY_REQUESTS
                 | StatusCode::SERVICE_UNAVAILABLE
         ) {

@@ -206,9 +206,10 @@ async fn handle(s: Arc<AppState>, request: Request) -> Result<Response, ApiError
     let Admitted {
         permit,
         deadline,
-        incoming,
+        mut incoming,
     } = infer::admit(&s, request.headers()).await?;
-    let input = read(&s, request).await?;
+    let input = input::within_body_timeout(s.limits.body_timeout, read(&s, request)).await?;
+    incoming.received(&s);
     let n = input.images.len();
     if n > s.limits.max_images_per_request {
         return Err(ApiError::validation(format!(

@@ -76,8 +76,17 @@ pub(super) struct Admitted {
 /// Held while a request's body is read and its images decoded; dropped once its jobs are
 /// queued (or it failed).
 pub(super) struct Receiving {
-    _incoming: Incoming,
     _body: Reservation,
+    incoming: Option<Incoming>,
+}
+
+impl Receiving {
+    /// The body has arrived: from now until its jobs are queued, an idle worker may wait
+    /// (`max_wait_ms`) to batch this request with others. Not while the body is still on its
+    /// way: a client that sends it slowly would make every other request wait.
+    pub(super) fn received(&mut self, s: &AppState) {
+        self.incoming.get_or_insert_with(|| s.engine.incoming());
+    }
 }
 
 /// Takes an in-flight slot (429 when none is free), checks the worker runs (503), then
@@ -93,15 +102,12 @@ pub(super) async fn admit(s: &AppState, headers: &HeaderMap) -> Result<Admitted,
         return Err(ApiError::unavailable("the model worker has stopped"));
     }
     let body = s.buffered.reserve(headers).await?;
-    // Until it is queued (or fails), an idle worker may wait for this request to batch it
-    // with the ones that arrived just before it.
-    let incoming = s.engine.incoming();
     Ok(Admitted {
         permit,
         deadline,
         incoming: Receiving {
-            _incoming: incoming,
             _body: body,
+            incoming: None,
         },
     })
 }
@@ -119,7 +125,7 @@ async fn handle(
     let Admitted {
         permit,
         deadline,
-        incoming,
+        mut incoming,
     } = admit(&s, request.headers()).await?;
     let stream_header = wants_sse(request.headers());
     let Input {
@@ -130,7 +136,12 @@ async fn handle(
         stream,
         many,
         image_size,
-    } = input::read(endpoint, request, s.limits.max_body_bytes).await?;
+    } = input::within_body_timeout(
+        s.limits.body_timeout,
+        input::read(endpoint, request, s.limits.max_body_bytes),
+    )
+    .await?;
+    incoming.received(&s);
     let stream = stream || stream_header;
     let image_size = checked_image_size(&s, image_size)?;
     let details = parameters.details;

@@ -333,6 +333,26 @@ pub async fn read(
     from_value(endpoint, value)
 }
 
+/// `read` (a body reader) within `body_timeout_s`: a body that has not arrived by then is a 408,
+/// and the slow sender's connection is closed.
+pub(super) async fn within_body_timeout<T>(
+    timeout: std::time::Duration,
+    read: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s (body_timeout_s)",
+                    timeout.as_secs()
+                ),
+            ))
+        })
+}
+
 /// A declared length over the limit is refused before any of the body is read.
 pub(super) fn refuse_declared_length(
     request: &Request,

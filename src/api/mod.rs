@@ -61,6 +61,8 @@ pub struct Limits {
     /// OPT's learned positions: query + prompt + new tokens must fit (T5 has no such limit).
     pub max_positions: Option<usize>,
     pub request_timeout: Option<Duration>,
+    /// The whole body must arrive within this long after the head (408).
+    pub body_timeout: Duration,
 }
 
 /// What the handlers share.

@@ -517,9 +517,12 @@ async fn chat(s: Arc<AppState>, request: Request) -> Result<Response, ApiError> 
     let Admitted {
         permit,
         deadline,
-        incoming,
+        mut incoming,
     } = infer::admit(&s, request.headers()).await?;
-    let input = read_body(&s, request).await?.into_input()?;
+    let input = super::input::within_body_timeout(s.limits.body_timeout, read_body(&s, request))
+        .await?
+        .into_input()?;
+    incoming.received(&s);
     let details = input.parameters.details;
     let endpoint = if input.text.is_some() {
         Endpoint::Vqa

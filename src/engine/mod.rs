@@ -37,8 +37,8 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most jobs waiting for admission.
     pub max_queue: usize,
-    /// How long an idle worker, given a first job, waits for requests that are still being
-    /// received or preprocessed (see [`EngineHandle::incoming`]) so that a burst starts as one
+    /// How long an idle worker, given a first job, waits for requests whose bodies have
+    /// arrived and are being preprocessed (see [`EngineHandle::incoming`]) so that a burst starts as one
     /// batch. With none on their way it starts at once.
     pub max_wait: Duration,
     /// Recent images whose query embeddings are kept (0 = no cache).

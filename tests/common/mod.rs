@@ -130,3 +130,100 @@ pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) -> f32
     );
     diff
 }
+
+// --- a server process, for the tests that need one (tests/cli.rs, tests/limits.rs) ---
+
+/// Starts `serve` on the tiny model with extra args/env; returns the child and its address
+/// once it is ready.
+pub fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    let (child, addr) = spawn_listening(args, env);
+    // The server listens while the model loads: wait until it is ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !http_raw(
+        &addr,
+        "GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .starts_with("HTTP/1.1 200")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child, addr)
+}
+
+/// Starts `serve` and returns as soon as it listens (before the model is loaded).
+pub fn spawn_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let model = model_dir("opt-tiny");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_blip2-server"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .env("BLIP2_MODEL", model.to_str().unwrap())
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before serving"
+        );
+        if let Some(rest) = line.split("address=").nth(1) {
+            let token = rest.split_whitespace().next().unwrap();
+            break token
+                .chars()
+                .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect::<String>();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, addr)
+}
+
+/// One HTTP/1.1 exchange on a fresh connection; returns the raw response.
+pub fn http_raw(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response
+}
+
+pub fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A spawned server, killed when dropped (also when a test fails half-way: a live child would
+/// keep the test's output pipe open).
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Resident and peak resident memory of a process, in bytes.
+pub fn rss_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
