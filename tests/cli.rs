@@ -338,21 +338,29 @@ fn t5_in_f16_is_refused_with_a_reason() {
     assert_clean_error(&out, "f16");
 }
 
+/// `generate` on the tiny OPT checkpoint and one fixture image, with `extra` flags.
+fn generate_tiny(extra: &[&str]) -> Output {
+    let model = model_dir("opt-tiny");
+    let image = image_path("rgb_640x480.png");
+    let args = [
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+        ][..],
+        extra,
+    ]
+    .concat();
+    blip2(&args)
+}
+
 /// bf16 on the CPU is about 10x slower than f32 (candle widens the weights on every product):
 /// refused at start with what to use instead.
 #[test]
 fn bf16_on_the_cpu_is_refused_with_what_to_use_instead() {
-    let model = model_dir("opt-tiny");
-    let image = image_path("rgb_640x480.png");
-    let out = blip2(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--dtype",
-        "bf16",
-    ]);
+    let out = generate_tiny(&["--dtype", "bf16"]);
     assert_clean_error(&out, "--quantize q8_0");
 }
 
@@ -361,33 +369,21 @@ fn bf16_on_the_cpu_is_refused_with_what_to_use_instead() {
 #[test]
 fn cuda_without_a_gpu_or_the_feature_is_one_line_and_exit_1() {
     let model = model_dir("opt-tiny");
-    let image = image_path("rgb_640x480.png");
     let needle = if cfg!(feature = "cuda") {
         "cannot open cuda:0"
     } else {
         "built without CUDA"
     };
-    for args in [
-        vec![
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--device",
-            "cuda",
-        ],
-        vec![
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-            "--device",
-            "cuda:0",
-        ],
-    ] {
-        let out = blip2(&args);
+    let serve = blip2(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    for out in [serve, generate_tiny(&["--device", "cuda:0"])] {
         assert_clean_error(&out, needle);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(out.status.code(), Some(1));
     }
     let out = blip2(&[
         "serve",
@@ -403,19 +399,7 @@ fn cuda_without_a_gpu_or_the_feature_is_one_line_and_exit_1() {
 /// never silently served as f32.
 #[test]
 fn quantize_with_generic_kernels_is_refused() {
-    let model = model_dir("opt-tiny");
-    let image = image_path("rgb_640x480.png");
-    let out = blip2(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--kernels",
-        "generic",
-        "--quantize",
-        "q8_0",
-    ]);
+    let out = generate_tiny(&["--kernels", "generic", "--quantize", "q8_0"]);
     assert_clean_error(&out, "cannot run with --kernels generic");
 }
 
@@ -423,19 +407,8 @@ fn quantize_with_generic_kernels_is_refused() {
 /// (which the goldens check; CI also runs the parity tests with BLIP2_TEST_KERNELS=generic).
 #[test]
 fn generate_with_generic_kernels_gives_the_same_tokens() {
-    let model = model_dir("opt-tiny");
-    let image = image_path("rgb_640x480.png");
     let run = |kernels: &str| {
-        let out = blip2(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-            "--kernels",
-            kernels,
-            "--json",
-        ]);
+        let out = generate_tiny(&["--kernels", kernels, "--json"]);
         assert!(
             out.status.success(),
             "{}",

@@ -81,18 +81,27 @@ for test in parity batching; do
   echo "{\"test\": \"$test\", \"device\": \"$DEVICE\", \"exit\": $rc}" > "$OUT/$test.json"
   grep -E "^test |test result|panicked|Error|error" "$OUT/$test.txt" | tail -n 40
   [ $rc -eq 0 ] || STATUS=1
+  if grep -qE "built without CUDA|cannot open cuda|error while loading shared libraries" "$OUT/$test.txt"; then
+    # The first CUDA step: past it nothing can run. (On the CPU package this is where the dry
+    # run of the packaging and paths ends.)
+    grep -m1 -oE "(cuda:[0-9]+ was asked for|cannot open cuda|error while loading shared libraries)[^(]*" "$OUT/$test.txt"
+    echo "device_check: $DEVICE cannot be opened; stopping after $(( $(date +%s) - started )) s"
+    exit 3
+  fi
 done
 
 step "serve on $DEVICE"
 "$WORK/blip2-server" serve --model "$ROOT/tests/fixtures/models/opt-tiny" --device "$DEVICE" \
   --host 127.0.0.1 --port 18080 --shutdown-delay-s 0 > "$OUT/serve.txt" 2>&1 &
 server=$!
-"$PYTHON" - "$OUT/serve.json" "$ROOT" <<'EOF' 2>&1 | tee -a "$OUT/serve-client.txt"
-import base64, json, sys, time, urllib.request
-out, root = sys.argv[1], sys.argv[2]
+"$PYTHON" - "$OUT/serve.json" "$ROOT" "$server" <<'EOF' 2>&1 | tee -a "$OUT/serve-client.txt"
+import base64, json, os, sys, time, urllib.request
+out, root, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 base = "http://127.0.0.1:18080"
 result = {"ready": False}
 for _ in range(600):
+    if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+        break  # the server exited (its log says why)
     try:
         if urllib.request.urlopen(base + "/ready", timeout=2).status == 200:
             result["ready"] = True
