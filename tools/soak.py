@@ -13,7 +13,9 @@ that rate, open loop, for --seconds. Checks (exit 1 when one fails):
     a hang past its client timeout (30 s);
   - blip2_requests_total, summed over the /v1 routes, grew by what the clients sent;
   - RSS, sampled every 10 s under load, flat after warm-up (the first half of the run): none
-    above the first sample after warm-up by more than 5%; open file descriptors (also sampled,
+    above the first sample after warm-up by more than 5% (runs of 300 s and more; shorter ones
+    check that its growth slows down in the second half, as a high-water mark does and a leak
+    does not); open file descriptors (also sampled,
     and reported) back to what they were once the server is idle again (within 5% or 4);
   - /health answered within 100 ms throughout (probed every 0.5 s).
 Prints the figures: requests sent / answered / by status, RSS and fds first and last.
@@ -254,7 +256,19 @@ def main():
         check("every request answered", unanswered == 0 and len(results) == sent, f"{len(results) - unanswered} of {sent}")
         check("no 5xx but 503/504", bad_5xx == 0, json.dumps(by_status))
         check("blip2_requests_total counts every request", counted == sent, f"server {counted}, clients {sent}")
-        check("RSS flat after warm-up", rss_last <= rss_first * 1.05, f"{rss_first >> 20} -> at most {rss_last >> 20} MiB")
+        if args.seconds >= 300:
+            check("RSS flat after warm-up", rss_last <= rss_first * 1.05,
+                  f"{rss_first >> 20} -> at most {rss_last >> 20} MiB")
+        else:
+            # Too short for the high-water mark to settle (it took about 210 s in a 10-minute run
+            # here): a leak grows as fast in the second half as in the first, a high-water mark
+            # slows down. The 10-minute run checks the 5% bound.
+            first_half = rss_first - samples[0][1]
+            second_half = rss_last - rss_first
+            check("RSS growth slowing (a leak would not)",
+                  second_half <= 0.05 * rss_first or second_half < 0.5 * first_half,
+                  f"{samples[0][1] >> 20} -> {rss_first >> 20} MiB in the first half, "
+                  f"-> at most {rss_last >> 20} MiB in the second")
         check("no file descriptor left behind", fd_last <= max(fd_first * 1.05, fd_first + 4), f"idle before {fd_first}, idle after {fd_last}")
         check("/health within 100 ms", health_bad == 0, f"{len(health)} probes, worst {health_worst * 1e3:.1f} ms")
     finally:
