@@ -49,7 +49,8 @@ ln -sfn "$(ls "$CU"/lib/libcudart.so.* | head -n1)" "$HOME_DIR/lib64/libcudart.s
 
 # cudarc's declarations: from the cargo registry (fetched if need be).
 find_cudarc() {
-  ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort -V | tail -n1
+  { ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null || true; } \
+    | sort -V | tail -n1
 }
 CUDARC=$(find_cudarc)
 if [ -z "$CUDARC" ]; then
