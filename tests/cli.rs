@@ -824,7 +824,6 @@ fn some_tensor(header: &serde_json::Value) -> String {
 fn malformed_checkpoints_are_one_line_errors_naming_file_and_tensor() {
     let image = image_path("rgb_640x480.png");
     let weights = |dir: &std::path::Path| dir.join("model.safetensors");
-    let mut tensor = String::new();
     let mut cases: Vec<(PathBuf, Vec<String>)> = Vec::new();
 
     let dir = spoiled_checkpoint("trunc", "opt-tiny", |d| {
@@ -833,59 +832,36 @@ fn malformed_checkpoints_are_one_line_errors_naming_file_and_tensor() {
     });
     cases.push((dir, vec!["model.safetensors".into(), "truncated".into()]));
 
-    let dir = spoiled_checkpoint("offsets", "opt-tiny", |d| {
-        edit_header(&weights(d), |h| {
-            tensor = some_tensor(h);
-            let offsets = &mut h[&tensor]["data_offsets"];
+    // Header edits of the first tensor: (tag, what the error must say, the edit).
+    type Edit = fn(&mut serde_json::Value, &str);
+    let header_cases: [(&str, &str, Edit); 3] = [
+        ("offsets", "past the end", |h, t| {
+            let offsets = &mut h[t]["data_offsets"];
             let (a, b) = (offsets[0].as_u64().unwrap(), offsets[1].as_u64().unwrap());
             *offsets = serde_json::json!([a + 1_000_000_000, b + 1_000_000_000]);
-        })
-    });
-    cases.push((
-        dir,
-        vec![
-            "model.safetensors".into(),
-            tensor.clone(),
-            "past the end".into(),
-        ],
-    ));
-
-    let dir = spoiled_checkpoint("dtype", "opt-tiny", |d| {
-        edit_header(&weights(d), |h| {
-            tensor = some_tensor(h);
-            h[&tensor]["dtype"] = "F16".into();
-        })
-    });
-    cases.push((
-        dir,
-        vec![
-            "model.safetensors".into(),
-            tensor.clone(),
-            "dtype F16".into(),
-        ],
-    ));
-
-    let dir = spoiled_checkpoint("shape", "opt-tiny", |d| {
-        edit_header(&weights(d), |h| {
-            tensor = some_tensor(h);
+        }),
+        ("dtype", "dtype F16", |h, t| h[t]["dtype"] = "F16".into()),
+        ("shape", "config implies", |h, t| {
             // Same element count, other shape: the bytes agree, the config does not.
-            let shape = h[&tensor]["shape"].as_array().unwrap().clone();
+            let shape = h[t]["shape"].as_array().unwrap().clone();
             let n: u64 = shape.iter().map(|d| d.as_u64().unwrap()).product();
-            h[&tensor]["shape"] = if shape.len() == 1 {
+            h[t]["shape"] = if shape.len() == 1 {
                 serde_json::json!([n, 1])
             } else {
                 serde_json::json!([n])
             };
-        })
-    });
-    cases.push((
-        dir,
-        vec![
-            "model.safetensors".into(),
-            tensor.clone(),
-            "config implies".into(),
-        ],
-    ));
+        }),
+    ];
+    for (tag, needle, edit) in header_cases {
+        let mut tensor = String::new();
+        let dir = spoiled_checkpoint(tag, "opt-tiny", |d| {
+            edit_header(&weights(d), |h| {
+                tensor = some_tensor(h);
+                edit(h, &tensor);
+            })
+        });
+        cases.push((dir, vec!["model.safetensors".into(), tensor, needle.into()]));
+    }
 
     let dir = spoiled_checkpoint("index", "opt-tiny-legacy", |d| {
         std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
