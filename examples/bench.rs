@@ -25,8 +25,6 @@ use blip2_server::config::{DTypeName, QuantizeName};
 use blip2_server::device::DeviceSpec;
 use blip2_server::generation::{DecodeBatch, GenerationParams, SequenceRequest};
 use blip2_server::model::{Blip2Model, ModelFiles, TextConfig};
-use blip2_server::preprocess::ImageProcessor;
-use blip2_server::prompt::PromptBuilder;
 use blip2_server::{Blip2Pipeline, LoadOptions};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -126,25 +124,22 @@ fn random_pipeline(dir: &std::path::Path, options: &LoadOptions) -> anyhow::Resu
         .with_context(|| format!("{}/tensor_shapes.json", dir.display()))?;
     let backend = RandomWeights(serde_json::from_slice(&shapes)?);
     blip2_server::nn::set_kernels(options.kernels);
-    let config = blip2_server::model::blip2::read_config(&dir.join("config.json"))?;
+    let tokenizer_config = dir.join("tokenizer_config.json");
+    let files = ModelFiles {
+        config: dir.join("config.json"),
+        preprocessor_config: dir.join("preprocessor_config.json"),
+        tokenizer: dir.join("tokenizer.json"),
+        tokenizer_config: tokenizer_config.exists().then_some(tokenizer_config),
+        weights: Vec::new(),
+    };
+    let config = blip2_server::model::blip2::read_config(&files.config)?;
     let vb = candle_nn::VarBuilder::from_backend(
         Box::new(backend),
         options.dtype,
         options.device.clone(),
     );
     let model = Blip2Model::from_var_builder(config, vb)?;
-    let images = ImageProcessor::from_file(&dir.join("preprocessor_config.json"), options.limits)?;
-    let config_file = dir.join("tokenizer_config.json");
-    let prompts = PromptBuilder::new(
-        &dir.join("tokenizer.json"),
-        config_file.exists().then_some(config_file.as_path()),
-        &model.config,
-    )?;
-    Ok(Blip2Pipeline {
-        model,
-        images,
-        prompts,
-    })
+    Ok(Blip2Pipeline::with_model(model, &files, options.limits)?)
 }
 
 /// A `Vm...:` line of /proc/self/status, in bytes (0 where unreadable).

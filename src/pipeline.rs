@@ -117,6 +117,17 @@ impl Blip2Pipeline {
         crate::nn::set_kernels(options.kernels);
         let model =
             Blip2Model::load_quantized(files, options.dtype, &options.device, options.quantize)?;
+        Self::with_model(model, files, options.limits)
+    }
+
+    /// A checkpoint's processor (image processor and prompt builder, from `files`) around a
+    /// model built already, from `files.weights` or otherwise (`examples/bench` builds one from
+    /// random values on a GPU).
+    pub fn with_model(
+        model: Blip2Model,
+        files: &ModelFiles,
+        limits: ImageLimits,
+    ) -> Result<Self, PipelineError> {
         let ignored = model.config.generation.unsupported();
         if !ignored.is_empty() {
             tracing::warn!(
@@ -124,7 +135,7 @@ impl Blip2Pipeline {
                 "text_config sets generation options this server ignores; outputs may differ from transformers'"
             );
         }
-        let images = ImageProcessor::from_file(&files.preprocessor_config, options.limits)?;
+        let images = ImageProcessor::from_file(&files.preprocessor_config, limits)?;
         let prompts = PromptBuilder::new(
             &files.tokenizer,
             files.tokenizer_config.as_deref(),

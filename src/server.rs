@@ -140,11 +140,7 @@ fn static_info(
         quantize: options.quantize.clone(),
         device: crate::device::location(pipeline.model.device()),
         device_name: crate::device::hardware_name(pipeline.model.device()),
-        kernels: match crate::nn::kernels() {
-            crate::nn::Kernels::Auto => "auto",
-            crate::nn::Kernels::Generic => "generic",
-        }
-        .to_string(),
+        kernels: crate::nn::kernels().as_str().to_string(),
         max_batch_size: options.engine.max_batch_size,
         max_batch_tokens: options.engine.max_batch_tokens,
         max_queue: options.engine.max_queue,

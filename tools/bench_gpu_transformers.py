@@ -22,6 +22,8 @@ import transformers
 from PIL import Image
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
+from bench_vs_transformers import time_modules  # this script's folder is on sys.path
+
 
 def sync(device):
     if device.type == "cuda":
@@ -59,23 +61,7 @@ def main():
     image = Image.open(args.image).convert("RGB")
 
     spans = {}
-
-    def timed(name, module):
-        def pre(_m, _inputs):
-            sync(device)
-            spans.setdefault(name, []).append([time.perf_counter(), None])
-
-        def post(_m, _inputs, _out):
-            sync(device)
-            spans[name][-1][1] = time.perf_counter()
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-    timed("vision", model.vision_model)
-    timed("qformer", model.qformer)
-    timed("projection", model.language_projection)
-    timed("lm", model.language_model)
+    time_modules(model, spans, sync=lambda: sync(device))
     span = lambda name, i=0: spans[name][i][1] - spans[name][i][0]
 
     def generate(batch):

@@ -65,6 +65,30 @@ def first_logits(model, processor, args):
     return out.logits[0][0].tolist()
 
 
+def time_modules(model, calls, sync=lambda: None):
+    """Forward hooks that append [start, end] of every call of the vision model, the Q-Former,
+    the projection and the language model to calls["vision" | "qformer" | "projection" | "lm"];
+    `sync` runs before each clock read (a GPU's queue drained). Also used by
+    bench_gpu_transformers.py."""
+
+    def timed(name, module):
+        def pre(_m, _inputs):
+            sync()
+            calls.setdefault(name, []).append([time.perf_counter(), None])
+
+        def post(_m, _inputs, _out):
+            sync()
+            calls[name][-1][1] = time.perf_counter()
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    timed("vision", model.vision_model)
+    timed("qformer", model.qformer)
+    timed("projection", model.language_projection)
+    timed("lm", model.language_model)
+
+
 def reference(args):
     import torch
     import transformers
@@ -75,21 +99,7 @@ def reference(args):
     load = time.perf_counter() - t
 
     calls = {}
-
-    def timed(name, module):
-        def pre(_m, _inputs):
-            calls.setdefault(name, []).append([time.perf_counter(), None])
-
-        def post(_m, _inputs, _out):
-            calls[name][-1][1] = time.perf_counter()
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-    timed("vision", model.vision_model)
-    timed("qformer", model.qformer)
-    timed("projection", model.language_projection)
-    timed("lm", model.language_model)
+    time_modules(model, calls)
     phases = {k: [] for k in ["preprocess_s", "vision_s", "qformer_s", "prefill_s", "decode_step_s", "caption_s"]}
     tokens = None
     with torch.inference_mode():

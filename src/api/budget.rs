@@ -75,7 +75,7 @@ impl ByteBudget {
         }
     }
 
-    /// Bytes reserved now (for /metrics).
+    /// Bytes reserved now.
     pub fn in_use_bytes(&self) -> u64 {
         u64::from(self.total_units).saturating_sub(self.permits.available_permits() as u64) * UNIT
     }

@@ -20,6 +20,16 @@ pub enum Kernels {
     Generic,
 }
 
+impl Kernels {
+    /// The name as `--kernels` and `/info` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Generic => "generic",
+        }
+    }
+}
+
 static GENERIC: AtomicBool = AtomicBool::new(false);
 
 /// Sets the process's choice; call before building a model.
