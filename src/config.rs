@@ -208,8 +208,8 @@ pub struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// Seconds a request head has to arrive, counted from when the connection waits for it
-    /// (so it also closes idle keep-alive connections: keep it above the balancer's idle
-    /// timeout) [default: 75].
+    /// (so it also closes connections idle this long, HTTP/1 and HTTP/2: keep it above the
+    /// balancer's idle timeout) [default: 75].
     #[arg(long, env = "BLIP2_HEADER_TIMEOUT_S")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header_timeout_s: Option<u64>,

@@ -1,5 +1,7 @@
 //! `run(pipeline, options, listener, shutdown)`: the HTTP server around one loaded model. Tests
 //! start it on 127.0.0.1:0 and stop it through `shutdown`; `main` passes SIGTERM/SIGINT.
+//! `start(pipeline, options)` is its first half (the engine and the handlers' state), for
+//! callers that send requests in process (the fuzz targets).
 //!
 //! On shutdown `/ready` answers 503 at once while requests are still accepted and served for
 //! `shutdown_delay` (a balancer probing `/ready` stops sending first); then the listener stops
@@ -158,12 +160,14 @@ fn static_info(
     }
 }
 
-pub async fn run(
+/// The handlers' shared state around a started engine, and the engine's worker thread (it ends
+/// once every handle to the engine is dropped and its running requests are done). `run` serves
+/// `api::app(state)` on a socket; in-process callers (the fuzz targets) send it requests with
+/// `tower::ServiceExt::oneshot`.
+pub fn start(
     mut pipeline: Blip2Pipeline,
-    options: ServeOptions,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+    options: &ServeOptions,
+) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), ServeError> {
     if let Some(size) = options.image_size {
         pipeline
             .resize_images_to(size, options.max_image_side)
@@ -192,7 +196,7 @@ pub async fn run(
         request_timeout: options.request_timeout,
         body_timeout: options.body_timeout,
     };
-    let info = static_info(&options, lm.model_type(), &pipeline, &vqa_template);
+    let info = static_info(options, lm.model_type(), &pipeline, &vqa_template);
     let metrics = Arc::new(Metrics::new()?);
     let (engine, worker) = engine::start(pipeline, options.engine.clone(), metrics.clone());
     let state = Arc::new(AppState {
@@ -223,6 +227,16 @@ pub async fn run(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     });
+    Ok((state, worker))
+}
+
+pub async fn run(
+    pipeline: Blip2Pipeline,
+    options: ServeOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (state, worker) = start(pipeline, &options)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let draining = state.clone();
     let delay = options.shutdown_delay;
@@ -278,6 +292,81 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
 }
 
+/// One connection's requests in progress (from the request's head to its response's last
+/// byte), and since when it has had none.
+struct Activity {
+    busy: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// A request in progress on its connection, until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            busy: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in progress for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            let wake = if self.busy.load(Ordering::SeqCst) == 0 {
+                if since.elapsed() >= limit {
+                    return;
+                }
+                since + limit
+            } else {
+                tokio::time::Instant::now() + limit
+            };
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *since = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it is sent or dropped.
+struct Tracked {
+    body: axum::body::Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Accepts connections on `listener` and serves `router` on each (HTTP/1 and HTTP/2), within
 /// `limits`, until `stop` resolves; then stops accepting, lets every connection finish its
 /// requests (graceful shutdown) and returns when the last one closes.
@@ -313,7 +402,27 @@ async fn serve_connections(
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let activity = Arc::new(Activity::new());
+        let service = {
+            let (router, activity) = (router.clone(), activity.clone());
+            tower::service_fn(
+                move |request: axum::extract::Request<hyper::body::Incoming>| {
+                    let busy = activity.begin();
+                    let router = router.clone();
+                    async move {
+                        let response =
+                            tower::ServiceExt::oneshot(router, request.map(axum::body::Body::new))
+                                .await?;
+                        // Busy until the whole body is sent (an SSE stream included).
+                        Ok::<_, std::convert::Infallible>(
+                            response
+                                .map(|body| axum::body::Body::new(Tracked { body, _busy: busy })),
+                        )
+                    }
+                },
+            )
+        };
+        let service = hyper_util::service::TowerToHyperService::new(service);
         let (mut stopping, open) = (stopping_rx.clone(), open_rx.clone());
         tokio::spawn(async move {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -328,6 +437,14 @@ async fn serve_connections(
                 _ = stopping.changed() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
+                }
+                _ = activity.idle_for(limits.header_timeout) => {
+                    // Nothing in progress for a whole header timeout: a client that never sent
+                    // a byte, one still sending HTTP/2's preface or a request's HEADERS, or an
+                    // idle HTTP/2 connection (hyper times out only HTTP/1 heads). Closed
+                    // gracefully (HTTP/2 GOAWAY); if it will not close, dropped.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
                 }
             }
             drop((slot, open));

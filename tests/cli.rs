@@ -867,6 +867,24 @@ fn malformed_checkpoints_are_one_line_errors_naming_file_and_tensor() {
         std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
     });
     cases.push((dir, vec!["model-00002-of-00002.safetensors".into()]));
+    // An index naming a shard outside the checkpoint (a path that climbs out of it) is refused
+    // before anything is opened.
+    let dir = spoiled_checkpoint("escape", "opt-tiny-legacy", |d| {
+        let path = d.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replace(
+            "\"model-00002-of-00002.safetensors\"",
+            "\"../model-00002-of-00002.safetensors\"",
+        );
+        std::fs::write(path, text).unwrap();
+    });
+    cases.push((
+        dir,
+        vec![
+            "model.safetensors.index.json".into(),
+            "not a file inside the checkpoint".into(),
+        ],
+    ));
 
     for (dir, needles) in cases {
         let out = blip2(&[

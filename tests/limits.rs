@@ -89,11 +89,13 @@ fn a_flood_of_large_bodies_stays_within_the_memory_budget() {
     );
 }
 
-/// 200 connections that send their request head, or their body, a byte a second: a normal
-/// request's latency stays within 2x of its latency without them (tokio parks idle
-/// connections; nothing waits on them), and the timeouts end them: a head still incomplete
-/// after header_timeout_s has its connection closed, a body still incomplete after
-/// body_timeout_s gets 408.
+/// 200 slow or idle connections, 40 of each kind: HTTP/1 heads and HTTP/1 bodies sent a byte
+/// a second, connections that never send a byte, HTTP/2's preface sent a byte a second, and
+/// HTTP/2 connections whose first HEADERS frame arrives a byte a second. A normal request's
+/// latency stays within 2x of its latency without them (tokio parks idle connections; nothing
+/// waits on them), and the timeouts end them all: a body still incomplete after body_timeout_s
+/// gets 408; every other connection is closed once it has had no request in progress for
+/// header_timeout_s (hyper's own header timeout covers HTTP/1 heads only).
 #[test]
 fn slow_clients_do_not_delay_others_and_are_cut_off() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -134,40 +136,58 @@ fn slow_clients_do_not_delay_others_and_are_cut_off() {
     median_latency(3); // warm-up
     let alone = median_latency(9);
 
-    let mut heads = Vec::new();
-    let mut bodies = Vec::new();
+    // HTTP/2: the client preface, an empty SETTINGS frame, then a HEADERS frame (type 1,
+    // END_HEADERS) announcing 1000 bytes of header block, which then trickle.
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let h2_headers: Vec<u8> = [
+        PREFACE,
+        &[0, 0, 0, 4, 0, 0, 0, 0, 0],
+        &[0, 3, 232, 1, 4, 0, 0, 0, 1],
+    ]
+    .concat();
+    // (kind, connection, what it then sends a byte a second)
+    let mut slow: Vec<(&str, TcpStream, Vec<u8>)> = Vec::new();
     for i in 0..200 {
-        let mut conn = TcpStream::connect(&addr).unwrap();
+        let conn = TcpStream::connect(&addr).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        if i % 2 == 0 {
-            conn.write_all(b"POST /v1/caption HTTP/1.1\r\nHost: t\r\n")
-                .unwrap();
-            heads.push(conn);
-        } else {
-            conn.write_all(
+        let (kind, first, trickle): (&str, &[u8], &[u8]) = match i % 5 {
+            0 => (
+                "http/1 head",
+                b"POST /v1/caption HTTP/1.1\r\nHost: t\r\n",
+                b"x",
+            ),
+            1 => (
+                "http/1 body",
                 b"POST /v1/caption HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
                   Content-Length: 1000\r\n\r\n{",
-            )
-            .unwrap();
-            bodies.push(conn);
-        }
+                b"x",
+            ),
+            2 => ("idle", b"", b""),
+            3 => ("http/2 preface", b"", PREFACE),
+            _ => ("http/2 headers", &h2_headers, b"x"),
+        };
+        (&conn).write_all(first).unwrap();
+        slow.push((kind, conn, trickle.to_vec()));
     }
     let started = Instant::now();
-    // A byte a second on every slow connection, from another thread, until the check is done.
+    // A byte a second on every slow connection, from another thread, until the check is done
+    // (the preface's bytes in order, then again; or "x").
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let trickle = {
         let stop = stop.clone();
-        let mut conns: Vec<TcpStream> = heads
+        let mut conns: Vec<(TcpStream, Vec<u8>)> = slow
             .iter()
-            .chain(&bodies)
-            .map(|c| c.try_clone().unwrap())
+            .filter(|(_, _, bytes)| !bytes.is_empty())
+            .map(|(_, c, bytes)| (c.try_clone().unwrap(), bytes.clone()))
             .collect();
         std::thread::spawn(move || {
+            let mut sent = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for c in conns.iter_mut() {
-                    let _ = c.write_all(b"x");
+                for (c, bytes) in conns.iter_mut() {
+                    let _ = c.write_all(&[bytes[sent % bytes.len()]]);
                 }
+                sent += 1;
                 std::thread::sleep(Duration::from_secs(1));
             }
         })
@@ -186,26 +206,28 @@ fn slow_clients_do_not_delay_others_and_are_cut_off() {
         crowded <= 2.0 * alone,
         "{crowded:.4} s with slow clients, {alone:.4} s without"
     );
-    // Past both timeouts: slow heads are closed without an answer, slow bodies get 408.
+    // Past both timeouts: slow bodies get 408; every other connection is closed (an HTTP/1
+    // head may get a 408 first, an HTTP/2 connection a GOAWAY frame).
     std::thread::sleep(Duration::from_secs(6).saturating_sub(started.elapsed()));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     trickle.join().unwrap();
-    for mut conn in heads {
+    for (kind, mut conn, _) in slow {
         let mut answer = Vec::new();
         // Ok: the server closed it (a read timeout here would be an error).
         conn.read_to_end(&mut answer)
-            .expect("the server closes a connection whose head is late");
+            .unwrap_or_else(|e| panic!("{kind}: the server must close it: {e}"));
         let text = String::from_utf8_lossy(&answer);
-        assert!(
-            text.is_empty() || text.starts_with("HTTP/1.1 408"),
-            "slow head: {text}"
-        );
-    }
-    for mut conn in bodies {
-        let mut answer = Vec::new();
-        let _ = conn.read_to_end(&mut answer);
-        let text = String::from_utf8_lossy(&answer);
-        assert!(text.starts_with("HTTP/1.1 408"), "slow body: {text}");
-        assert!(text.contains("body_timeout_s"), "{text}");
+        match kind {
+            "http/1 body" => {
+                assert!(text.starts_with("HTTP/1.1 408"), "slow body: {text}");
+                assert!(text.contains("body_timeout_s"), "{text}");
+            }
+            "http/1 head" => assert!(
+                text.is_empty() || text.starts_with("HTTP/1.1 408"),
+                "slow head: {text}"
+            ),
+            "idle" | "http/2 preface" => assert!(answer.is_empty(), "{kind}: {text}"),
+            _ => assert!(!text.contains("HTTP/1.1"), "{kind}: {text}"),
+        }
     }
 }

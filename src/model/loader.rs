@@ -109,6 +109,14 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = index.weight_map.into_values().collect();
     names.sort();
     names.dedup();
+    // A shard is a file of the checkpoint: a name that climbs out of it (`..`, an absolute
+    // path) would open, or ask the Hub for, a file that is not the model's.
+    if let Some(bad) = names.iter().find(|n| !is_repo_relative(n)) {
+        return Err(ModelError::Files(format!(
+            "{}: weight_map names the shard {bad:?}, which is not a file inside the checkpoint",
+            index_path.display()
+        )));
+    }
     if names.is_empty() {
         return Err(ModelError::Files(format!(
             "{}: weight_map is empty",
@@ -116,6 +124,15 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
         )));
     }
     Ok(names)
+}
+
+/// A relative path with only normal components (no `..`, root, prefix or empty name).
+fn is_repo_relative(name: &str) -> bool {
+    let path = Path::new(name);
+    !name.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 impl ModelFiles {
@@ -373,6 +390,13 @@ impl SafetensorsWeights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+
+    /// Every tensor's name and shape, as the headers state them (in no particular order).
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries
+            .iter()
+            .map(|(name, e)| (name.as_str(), e.shape.as_slice()))
     }
 
     fn read(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
