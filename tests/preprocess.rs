@@ -134,3 +134,16 @@ fn sixteen_bit_pngs_convert_as_pillow_does() {
     }
     assert_eq!(checked, 4);
 }
+
+/// A PNG whose palette is not a whole number of RGB entries (found by the `image` fuzz target:
+/// png 0.18.1 panics expanding it) is refused as an invalid image, not a panic.
+#[test]
+fn a_png_palette_of_partial_entries_is_refused() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions/image/png-plte-not-multiple-of-3");
+    // The target's first byte picks an output size; the image follows it.
+    let bytes = std::fs::read(path).unwrap();
+    let err = blip2_server::preprocess::decode_rgb(&bytes[1..], ImageLimits::default())
+        .expect_err("a palette of 53 bytes is malformed");
+    assert!(err.to_string().contains("PLTE"), "{err}");
+}

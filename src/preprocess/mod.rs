@@ -315,6 +315,9 @@ pub fn decode_rgb(bytes: &[u8], limits: ImageLimits) -> Result<Image8, Preproces
             .map_err(|e| PreprocessError::Decode(e.to_string()))?,
     };
     let pixels = check_pixels(width, height, limits)?;
+    if format == ImageFormat::Png {
+        png_check_palette(bytes)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(width);
@@ -322,10 +325,42 @@ pub fn decode_rgb(bytes: &[u8], limits: ImageLimits) -> Result<Image8, Preproces
     // Room for the decoded frame at 16 bits per channel with alpha, plus decoder scratch.
     decoder_limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(decoder_limits);
-    let img = reader
-        .decode()
+    // A decoder's panic on a malformed file (a bug of its own, like the one png_check_palette
+    // works around) refuses that image; it must not become a 500 or end the worker.
+    let img = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
+        .map_err(|_| {
+            PreprocessError::Decode(format!(
+                "the {format:?} decoder failed on this file (it is malformed)"
+            ))
+        })?
         .map_err(|e| PreprocessError::Decode(e.to_string()))?;
     Ok(to_rgb8(img))
+}
+
+/// Refuses a PNG whose palette (PLTE) is not a whole number of RGB entries (1 to 256 of them),
+/// which the PNG specification forbids: png 0.18.1 accepts one and then panics expanding it
+/// (found by the `image` fuzz target; image-rs/image-png#694). Chunks are walked up to the
+/// first IDAT; a file cut short before it is left to the decoder's own errors.
+fn png_check_palette(bytes: &[u8]) -> Result<(), PreprocessError> {
+    let mut at = 8usize;
+    while let Some(head) = bytes.get(at..at + 8) {
+        let length = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        match &head[4..8] {
+            b"PLTE" if length == 0 || !length.is_multiple_of(3) || length > 768 => {
+                return Err(PreprocessError::Decode(format!(
+                    "PNG palette (PLTE) of {length} bytes: not 1 to 256 RGB entries of 3 bytes"
+                )));
+            }
+            b"IDAT" | b"IEND" => break,
+            _ => {}
+        }
+        // Length, type, data and CRC.
+        at = match at.checked_add(12).and_then(|n| n.checked_add(length)) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    Ok(())
 }
 
 /// Refuses images over the pixel limit (and empty ones); returns the pixel count.
