@@ -68,14 +68,10 @@ ARCHS = {
 SHARD_BYTES = 5 * 1024**3
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="opt-2.7b")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--shapes-only", action="store_true", help="write tensor_shapes.json, not the weights")
-    ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    args = ap.parse_args()
-    spec = ARCHS[args.arch]
+def tensor_names(arch):
+    """The Blip2 config of `arch` and every tensor's name and shape, as save_pretrained writes
+    them (tied tensors dropped)."""
+    spec = ARCHS[arch]
     text = spec["text"]()
     config = Blip2Config(
         vision_config=spec.get("vision", {}), qformer_config=spec.get("qformer", {}),
@@ -92,18 +88,13 @@ def main():
         names.pop("language_model.lm_head.weight")
     for key in list(names):
         if key.endswith("encoder.embed_tokens.weight") or key.endswith("decoder.embed_tokens.weight"):
-            if args.arch == "flan-t5-xl":
+            if arch == "flan-t5-xl":
                 names.pop(key)  # tied to `shared`
-    os.makedirs(args.out, exist_ok=True)
-    config.save_pretrained(args.out)
-    if args.shapes_only:
-        with open(os.path.join(args.out, "tensor_shapes.json"), "w") as f:
-            json.dump({k: list(v) for k, v in sorted(names.items())}, f, indent=0)
-        copy_processor(args, spec)
-        print(f"{len(names)} tensor shapes; transformers {transformers.__version__}")
-        return
+    return config, names
 
-    # Plan shards.
+
+def plan_shards(names):
+    """Tensor names (sorted) split into shards of at most SHARD_BYTES."""
     shards, current, size = [], [], 0
     for name in sorted(names):
         n = int(np.prod(names[name])) * 4
@@ -113,8 +104,48 @@ def main():
         current.append(name)
         size += n
     shards.append(current)
-    rng = np.random.default_rng(0)
-    block = (rng.standard_normal(1 << 20).astype(np.float32) * 0.02)
+    return shards
+
+
+def random_block():
+    """The values every tensor is cut from: 2^20 draws of N(0, 0.02^2)."""
+    return np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32) * 0.02
+
+
+def tensor_chunks(name, j, count, block):
+    """The values of tensor `name`, `j`-th in its shard, in chunks: norm weights are ones, every
+    other tensor a window of the block rolled by an amount from its name and place."""
+    if "norm" in name.lower() and name.endswith(".weight"):
+        yield np.ones(count, dtype=np.float32)
+        return
+    shift = zlib.crc32(name.encode()) % 1000 + j
+    written = 0
+    while written < count:
+        k = min(count - written, block.size)
+        yield np.roll(block, shift + written)[:k]
+        written += k
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="opt-2.7b")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes-only", action="store_true", help="write tensor_shapes.json, not the weights")
+    ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    args = ap.parse_args()
+    spec = ARCHS[args.arch]
+    config, names = tensor_names(args.arch)
+    os.makedirs(args.out, exist_ok=True)
+    config.save_pretrained(args.out)
+    if args.shapes_only:
+        with open(os.path.join(args.out, "tensor_shapes.json"), "w") as f:
+            json.dump({k: list(v) for k, v in sorted(names.items())}, f, indent=0)
+        copy_processor(args, spec)
+        print(f"{len(names)} tensor shapes; transformers {transformers.__version__}")
+        return
+
+    shards = plan_shards(names)
+    block = random_block()
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -131,17 +162,8 @@ def main():
             f.write(struct.pack("<Q", len(hbytes)))
             f.write(hbytes)
             for j, name in enumerate(shard):
-                count = int(np.prod(names[name]))
-                if "norm" in name.lower() and name.endswith(".weight"):
-                    data = np.ones(count, dtype=np.float32)
-                    f.write(data.tobytes())
-                    continue
-                shift = zlib.crc32(name.encode()) % 1000 + j
-                written = 0
-                while written < count:
-                    k = min(count - written, block.size)
-                    f.write(np.roll(block, shift + written)[:k].tobytes())
-                    written += k
+                for chunk in tensor_chunks(name, j, int(np.prod(names[name])), block):
+                    f.write(chunk.tobytes())
         total += offset
         print(f"wrote {fname} ({offset / 1e9:.2f} GB)", flush=True)
     with open(os.path.join(args.out, "model.safetensors.index.json"), "w") as f:

@@ -59,8 +59,9 @@ impl Blip2Model {
         }
         if quantize.is_some() && matches!(config.text, TextConfig::T5(_)) {
             tracing::warn!(
-                "quantised Flan-T5 drifts far from f32 on a random-weight flan-t5-xl (BENCHMARKS.md): \
-                 compare its outputs with f32 on your checkpoint before relying on them"
+                "quantised Flan-T5 drifts far from f32 on a random-weight flan-t5-xl, whose attention \
+                 is nearly one-hot (BENCHMARKS.md); unmeasured on the real checkpoint: compare its \
+                 outputs with f32 on yours before relying on them"
             );
         }
         let weights = SafetensorsWeights::open(&files.weights)?;
