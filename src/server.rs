@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::api::fetch::UrlPolicy;
 use crate::api::wire::StaticInfo;
-use crate::api::{app, openapi_json, AppState, Limits};
+use crate::api::{app, openapi_json, AppState, GuardedBody, Limits};
 use crate::config::ServerConfig;
 use crate::engine::{self, EngineConfig};
 use crate::metrics::Metrics;
@@ -341,32 +341,6 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its request counted as in progress until it is sent or dropped.
-struct Tracked {
-    body: axum::body::Body,
-    _busy: Busy,
-}
-
-impl http_body::Body for Tracked {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// Accepts connections on `listener` and serves `router` on each (HTTP/1 and HTTP/2), within
 /// `limits`, until `stop` resolves; then stops accepting, lets every connection finish its
 /// requests (graceful shutdown) and returns when the last one closes.
@@ -416,7 +390,7 @@ async fn serve_connections(
                         // Busy until the whole body is sent (an SSE stream included).
                         Ok::<_, std::convert::Infallible>(
                             response
-                                .map(|body| axum::body::Body::new(Tracked { body, _busy: busy })),
+                                .map(|body| axum::body::Body::new(GuardedBody::new(body, busy))),
                         )
                     }
                 },

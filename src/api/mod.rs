@@ -240,29 +240,28 @@ async fn observe(State(s): State<Arc<AppState>>, request: Request, next: Next) -
         .metrics
         .request_duration
         .with_label_values(&[&endpoint, &status_label]);
-    response.map(|body| {
-        axum::body::Body::new(TimedBody {
-            inner: body,
-            pending: Some((duration, started)),
-        })
-    })
+    response.map(|body| axum::body::Body::new(GuardedBody::new(body, Timed(duration, started))))
 }
 
-/// A response body that records its request's duration when it ends or is dropped.
-struct TimedBody {
+/// A response body that holds `guard` until its last frame is out (or the body is dropped, as
+/// when the client hangs up): what must happen when a response ends, streams included, is the
+/// guard's `Drop` (its duration recorded here; its connection's request count lowered in
+/// `server`).
+pub struct GuardedBody<G> {
     inner: axum::body::Body,
-    pending: Option<(prometheus::Histogram, Instant)>,
+    guard: Option<G>,
 }
 
-impl TimedBody {
-    fn finish(&mut self) {
-        if let Some((histogram, started)) = self.pending.take() {
-            histogram.observe(started.elapsed().as_secs_f64());
+impl<G> GuardedBody<G> {
+    pub fn new(inner: axum::body::Body, guard: G) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
         }
     }
 }
 
-impl http_body::Body for TimedBody {
+impl<G: Send + Unpin + 'static> http_body::Body for GuardedBody<G> {
     type Data = axum::body::Bytes;
     type Error = axum::Error;
 
@@ -272,7 +271,7 @@ impl http_body::Body for TimedBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            self.finish();
+            self.guard = None;
         }
         polled
     }
@@ -286,9 +285,12 @@ impl http_body::Body for TimedBody {
     }
 }
 
-impl Drop for TimedBody {
+/// Records a request's duration when dropped.
+struct Timed(prometheus::Histogram, Instant);
+
+impl Drop for Timed {
     fn drop(&mut self) {
-        self.finish();
+        self.0.observe(self.1.elapsed().as_secs_f64());
     }
 }
 
