@@ -294,32 +294,30 @@ pub struct ConnectionLimits {
 
 /// One connection's requests in progress (from the request's head to its response's last
 /// byte), and since when it has had none.
-struct Activity {
-    busy: std::sync::atomic::AtomicUsize,
-    idle_since: std::sync::Mutex<tokio::time::Instant>,
-}
+struct Activity(std::sync::Mutex<(usize, tokio::time::Instant)>);
 
 /// A request in progress on its connection, until dropped.
 struct Busy(Arc<Activity>);
 
 impl Activity {
     fn new() -> Self {
-        Self {
-            busy: std::sync::atomic::AtomicUsize::new(0),
-            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
-        }
+        Self(std::sync::Mutex::new((0, tokio::time::Instant::now())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
-        self.busy.fetch_add(1, Ordering::SeqCst);
+        self.lock().0 += 1;
         Busy(self.clone())
     }
 
     /// Resolves once the connection has had no request in progress for `limit`.
     async fn idle_for(&self, limit: Duration) {
         loop {
-            let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-            let wake = if self.busy.load(Ordering::SeqCst) == 0 {
+            let (busy, since) = *self.lock();
+            let wake = if busy == 0 {
                 if since.elapsed() >= limit {
                     return;
                 }
@@ -334,9 +332,10 @@ impl Activity {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *since = tokio::time::Instant::now();
+        let mut state = self.0.lock();
+        state.0 -= 1;
+        if state.0 == 0 {
+            state.1 = tokio::time::Instant::now();
         }
     }
 }

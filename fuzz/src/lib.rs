@@ -9,11 +9,10 @@
 //! here is part of the server.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use blip2_server::api::AppState;
 use blip2_server::model::loader::{ModelFiles, ModelSource, SafetensorsWeights};
 use blip2_server::pipeline::{Blip2Pipeline, LoadOptions};
 use blip2_server::preprocess::ImageProcessor;
@@ -118,7 +117,7 @@ pub fn detok(data: &[u8]) {
 /// The tiny OPT model behind the real router, in process: what a client's body becomes.
 struct App {
     runtime: tokio::runtime::Runtime,
-    state: Arc<AppState>,
+    router: axum::Router,
 }
 
 fn app() -> &'static App {
@@ -137,7 +136,10 @@ fn app() -> &'static App {
         let (state, _worker) = runtime
             .block_on(async { server::start(pipeline("opt-tiny"), &options) })
             .expect("starting the engine");
-        App { runtime, state }
+        App {
+            runtime,
+            router: blip2_server::api::app(state),
+        }
     })
 }
 
@@ -158,9 +160,10 @@ fn send(path: &str, content_type: &str, body: Vec<u8>) -> (StatusCode, String) {
         .header(header::CONTENT_TYPE, content_type)
         .body(Body::from(body))
         .expect("a request");
-    let router = blip2_server::api::app(app.state.clone());
     app.runtime.block_on(async {
-        let response = router
+        let response = app
+            .router
+            .clone()
             .oneshot(request)
             .await
             .expect("the router is infallible");
