@@ -102,6 +102,7 @@ pub struct ServerConfig {
     pub quantize: QuantizeName,
     pub device: String,
     pub kernels: KernelsName,
+    pub mmap: bool,
     pub host: String,
     pub port: u16,
     pub max_batch_size: usize,
@@ -173,6 +174,12 @@ pub struct ServeArgs {
     #[arg(long, value_enum, env = "BLIP2_KERNELS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernels: Option<KernelsName>,
+    /// Map the checkpoint's files and use their pages as the f32 weights: no copy, and a start
+    /// at the page cache's speed when the files are cached; false reads them into memory (for
+    /// files that may change under the server, or filesystems that map poorly) [default: true].
+    #[arg(long, env = "BLIP2_MMAP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmap: Option<bool>,
     /// Address to listen on [default: 0.0.0.0].
     #[arg(long, env = "BLIP2_HOST")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -565,6 +572,7 @@ mod tests {
             quantize: Some(QuantizeName::None),
             device: Some(String::new()),
             kernels: Some(KernelsName::Auto),
+            mmap: Some(true),
             host: Some(String::new()),
             port: Some(0),
             max_batch_size: Some(0),

@@ -324,6 +324,7 @@ fn serve_load_options(config: &ServerConfig) -> anyhow::Result<LoadOptions> {
         },
         quantize: config.quantize.quantization(),
         kernels: config.kernels.kernels(),
+        mmap: config.mmap,
     };
     options.check().map_err(|e| anyhow::anyhow!(e))?;
     Ok(options)
@@ -373,6 +374,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
         quantize: quantize.quantization(),
         kernels: kernels.kernels(),
+        mmap: true,
     };
     options.check().map_err(|e| anyhow::anyhow!(e))?;
     let mut pipeline = load(&source, &options, None)?;

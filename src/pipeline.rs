@@ -37,6 +37,9 @@ pub struct LoadOptions {
     pub quantize: Option<Quantization>,
     /// The CPU kernels, or candle's ops only (`nn::dispatch`); process-wide, set by the load.
     pub kernels: Kernels,
+    /// Borrow unquantised f32 CPU weights from a mapping of the files instead of copying them
+    /// (`model::loader`).
+    pub mmap: bool,
 }
 
 impl LoadOptions {
@@ -68,6 +71,7 @@ impl Default for LoadOptions {
             limits: ImageLimits::default(),
             quantize: None,
             kernels: Kernels::Auto,
+            mmap: true,
         }
     }
 }
@@ -115,8 +119,13 @@ impl Blip2Pipeline {
     pub fn load_files(files: &ModelFiles, options: &LoadOptions) -> Result<Self, PipelineError> {
         options.check().map_err(PipelineError::Input)?;
         crate::nn::set_kernels(options.kernels);
-        let model =
-            Blip2Model::load_quantized(files, options.dtype, &options.device, options.quantize)?;
+        let model = Blip2Model::load_quantized(
+            files,
+            options.dtype,
+            &options.device,
+            options.quantize,
+            options.mmap,
+        )?;
         Self::with_model(model, files, options.limits)
     }
 

@@ -2,11 +2,12 @@
 //! -> query embeddings that take the place of the image tokens in the language model's input.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use crate::nn::{linear, Linear, Quantization};
+use crate::nn::{linear, Kernels, Linear, LinearLoad, MappedSource, Quantization};
 
 use super::config::{Blip2Config, TextConfig};
 use super::lm::LanguageModel;
@@ -40,16 +41,18 @@ pub struct Blip2Model {
 
 impl Blip2Model {
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_quantized(files, dtype, device, None)
+        Self::load_quantized(files, dtype, device, None, true)
     }
 
     /// As [`Self::load`], with the vision encoder's and the language model's linear weights
-    /// quantised as they are read.
+    /// quantised as they are read. With `map_files`, an unquantised f32 CPU load borrows its
+    /// linear weights from a mapping of the files instead of copying them (`loader`).
     pub fn load_quantized(
         files: &ModelFiles,
         dtype: DType,
         device: &Device,
         quantize: Option<Quantization>,
+        map_files: bool,
     ) -> Result<Self> {
         let config = read_config(&files.config)?;
         if dtype == DType::F16 && matches!(config.text, TextConfig::T5(_)) {
@@ -64,21 +67,31 @@ impl Blip2Model {
                  outputs with f32 on yours before relying on them"
             );
         }
-        let weights = SafetensorsWeights::open(&files.weights)?;
-        Self::build(config, weights.into_var_builder(dtype, device), quantize)
+        // Mapped where the mapping is what runs: unquantised f32 weights on the CPU kernels. A
+        // quantised load reads each f32 matrix once to quantise it, so mapping the whole files
+        // would only inflate its resident memory while it loads.
+        let map = map_files
+            && quantize.is_none()
+            && device.is_cpu()
+            && dtype == DType::F32
+            && crate::nn::kernels() == Kernels::Auto;
+        let weights = Arc::new(SafetensorsWeights::open_with(&files.weights, map)?);
+        let mapped = map.then(|| weights.clone() as Arc<dyn MappedSource>);
+        let vb = SafetensorsWeights::shared_var_builder(weights, dtype, device);
+        Self::build(config, vb, &LinearLoad::new(quantize, mapped))
     }
 
     pub fn from_var_builder(config: Blip2Config, vb: VarBuilder) -> Result<Self> {
-        Self::build(config, vb, None)
+        Self::build(config, vb, &LinearLoad::default())
     }
 
-    fn build(config: Blip2Config, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
+    fn build(config: Blip2Config, vb: VarBuilder, load: &LinearLoad) -> Result<Self> {
         let wrap = |e: ModelError| match e {
             ModelError::Tensor(e) => ModelError::Weights(e.to_string()),
             other => other,
         };
         let vision =
-            VisionEncoder::new(&config.vision, vb.pp("vision_model"), quantize).map_err(wrap)?;
+            VisionEncoder::new(&config.vision, vb.pp("vision_model"), load).map_err(wrap)?;
         // transformers keeps `query_tokens` and the Q-Former in f32 when loading in f16
         // (`_keep_in_fp32_modules`); bf16 makes everything bf16.
         let qformer_vb = if vb.dtype() == DType::F16 {
@@ -86,20 +99,25 @@ impl Blip2Model {
         } else {
             vb.clone()
         };
-        let qformer =
-            QFormer::new(&config.qformer, config.num_query_tokens, qformer_vb).map_err(wrap)?;
+        let qformer = QFormer::new(
+            &config.qformer,
+            config.num_query_tokens,
+            qformer_vb,
+            &load.unquantized(),
+        )
+        .map_err(wrap)?;
         let language_projection = linear(
             config.qformer.hidden_size,
             config.text.hidden_size(),
             vb.pp("language_projection"),
-            None,
+            &load.unquantized(),
         )
         .map_err(|e| wrap(e.into()))?;
         let lm_vb = vb.pp("language_model");
         // The one place a family is chosen: a new family is a file and an arm here.
         let language_model: Box<dyn LanguageModel> = match &config.text {
-            TextConfig::Opt(c) => Box::new(OptDecoder::new(c, lm_vb, quantize).map_err(wrap)?),
-            TextConfig::T5(c) => Box::new(T5Model::new(c, lm_vb, quantize).map_err(wrap)?),
+            TextConfig::Opt(c) => Box::new(OptDecoder::new(c, lm_vb, load).map_err(wrap)?),
+            TextConfig::T5(c) => Box::new(T5Model::new(c, lm_vb, load).map_err(wrap)?),
         };
         Ok(Self {
             dtype: vb.dtype(),

@@ -1,9 +1,13 @@
 //! Finds a checkpoint's files (a local directory or a Hub id through hf-hub) and reads its
 //! safetensors weights, single-file or sharded (`model.safetensors.index.json`).
 //!
-//! Tensors are read with positioned reads straight from the files rather than through a memory
-//! map: candle's CPU tensors own their storage, so a map would hold a second copy of every page
-//! touched until the whole load ends, doubling peak RSS on a 15 GB checkpoint.
+//! Two ways to hold the weights. Mapped (an unquantised f32 load on the CPU, the default): each
+//! file is mapped read-only and populated at open, and the linear layers' weights, nearly all
+//! the bytes, are borrowed from the mapping ([`MappedSource`]); the page cache's pages are the
+//! weights, so a replica starting on a host whose page cache holds the files reads nothing and
+//! copies nothing. Everything else (norms, embeddings, biases, and every weight of a quantised
+//! or non-f32 load) is read with positioned reads straight into candle tensors, which own their
+//! storage: mapping those too would hold a second copy of every page until the load ends.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,6 +21,8 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::{ModelError, Result};
+use crate::nn::linear::MappedF32;
+use crate::nn::MappedSource;
 use crate::startup::Startup;
 
 /// Where a model comes from: a directory on disk, or a Hub repository at a revision.
@@ -296,6 +302,8 @@ fn read_typed<T: Copy + Default>(
 
 pub struct SafetensorsWeights {
     files: Vec<(PathBuf, File)>,
+    /// Each file's mapping, when opened with `map`.
+    maps: Vec<Option<Arc<memmap2::Mmap>>>,
     entries: HashMap<String, TensorEntry>,
 }
 
@@ -314,7 +322,14 @@ fn parse_dtype(s: &str) -> Option<DType> {
 
 impl SafetensorsWeights {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        Self::open_with(paths, false)
+    }
+
+    /// With `map`, every file is also mapped read-only and its pages populated now (read from
+    /// the disk if the page cache lacks them), so that no request pays for them later.
+    pub fn open_with(paths: &[PathBuf], map: bool) -> Result<Self> {
         let mut files = Vec::new();
+        let mut maps = Vec::new();
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
             let bad = |msg: String| ModelError::Weights(format!("{}: {msg}", path.display()));
@@ -383,9 +398,32 @@ impl SafetensorsWeights {
                     },
                 );
             }
+            if map {
+                // SAFETY: the mapping is read-only. If the file is changed or truncated on disk
+                // while the server runs, what the weights read changes with it (or the process
+                // gets SIGBUS), as with any mapped checkpoint; `--no-mmap` copies instead.
+                let mapping = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+                    .map_err(|e| bad(format!("mapping the file: {e}")))?;
+                maps.push(Some(Arc::new(mapping)));
+            } else {
+                maps.push(None);
+            }
             files.push((path.clone(), file));
         }
-        Ok(SafetensorsWeights { files, entries })
+        Ok(SafetensorsWeights {
+            files,
+            maps,
+            entries,
+        })
+    }
+
+    /// A `VarBuilder` over weights that are also lent out as a [`MappedSource`].
+    pub fn shared_var_builder(
+        weights: Arc<Self>,
+        dtype: DType,
+        device: &Device,
+    ) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(Shared(weights)), dtype, device.clone())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -443,6 +481,45 @@ impl SafetensorsWeights {
     /// A `VarBuilder` over these weights that converts to `dtype` on `device` as it reads.
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl MappedSource for SafetensorsWeights {
+    fn f32_tensor(&self, name: &str, shape: &[usize]) -> Option<MappedF32> {
+        let entry = self.entries.get(name)?;
+        if entry.dtype != DType::F32 || entry.shape.as_slice() != shape {
+            return None;
+        }
+        let map = self.maps[entry.file].clone()?;
+        MappedF32::new(
+            map,
+            usize::try_from(entry.start).ok()?,
+            shape.iter().product(),
+        )
+    }
+}
+
+/// The backend of [`SafetensorsWeights::shared_var_builder`].
+struct Shared(Arc<SafetensorsWeights>);
+
+impl SimpleBackend for Shared {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, init, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::nn::attention::{attend, merge_heads, scale, split_heads};
 use std::any::Any;
 
 use crate::nn::kv::{is_identity, merge_masks, KvBuffer};
-use crate::nn::{linear_b, Activation, Linear, Quantization};
+use crate::nn::{linear_b, Activation, Linear, LinearLoad};
 
 use super::config::OptConfig;
 use super::lm::{downcast, downcast_box, DecodeState, LanguageModel, Prefilled};
@@ -117,7 +117,7 @@ struct OptAttention {
 }
 
 impl OptAttention {
-    fn new(cfg: &OptConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(cfg: &OptConfig, vb: VarBuilder, q: &LinearLoad) -> Result<Self> {
         let d = cfg.hidden_size;
         let bias = cfg.enable_bias;
         Ok(Self {
@@ -165,7 +165,7 @@ struct OptLayer {
 }
 
 impl OptLayer {
-    fn new(cfg: &OptConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(cfg: &OptConfig, vb: VarBuilder, q: &LinearLoad) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             self_attn: OptAttention::new(cfg, vb.pp("self_attn"), q)?,
@@ -217,7 +217,7 @@ pub struct OptDecoder {
 impl OptDecoder {
     /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints); `quantize`
     /// applies to its linear weights (the head included) as they are read.
-    pub fn new(cfg: &OptConfig, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
+    pub fn new(cfg: &OptConfig, vb: VarBuilder, quantize: &LinearLoad) -> Result<Self> {
         let dec = vb.pp("model.decoder");
         let d = cfg.hidden_size;
         let embed_tokens = embedding(cfg.vocab_size, d, dec.pp("embed_tokens"))?;
@@ -246,7 +246,7 @@ impl OptDecoder {
             embed_positions,
             layers,
             final_layer_norm,
-            lm_head: Linear::new(head_weight, None, quantize)?,
+            lm_head: Linear::new(head_weight, None, quantize.quantize)?,
             max_positions: cfg.max_position_embeddings,
         })
     }

@@ -7,7 +7,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::nn::attention::{merge_heads, split_heads};
-use crate::nn::{linear, Activation, Linear};
+use crate::nn::{linear, Activation, Linear, LinearLoad};
 
 use super::config::QFormerConfig;
 use super::Result;
@@ -25,15 +25,20 @@ struct QFormerAttention {
 }
 
 impl QFormerAttention {
-    fn new(cfg: &QFormerConfig, kv_width: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &QFormerConfig,
+        kv_width: usize,
+        vb: VarBuilder,
+        load: &LinearLoad,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
         let attn = vb.pp("attention");
         let out = vb.pp("output");
         Ok(Self {
-            query: linear(d, d, attn.pp("query"), None)?,
-            key: linear(kv_width, d, attn.pp("key"), None)?,
-            value: linear(kv_width, d, attn.pp("value"), None)?,
-            dense: linear(d, d, out.pp("dense"), None)?,
+            query: linear(d, d, attn.pp("query"), load)?,
+            key: linear(kv_width, d, attn.pp("key"), load)?,
+            value: linear(kv_width, d, attn.pp("value"), load)?,
+            dense: linear(d, d, out.pp("dense"), load)?,
             layer_norm: layer_norm(d, cfg.layer_norm_eps, out.pp("LayerNorm"))?,
             num_heads: cfg.num_attention_heads,
             sqrt_head_dim: ((d / cfg.num_attention_heads) as f64).sqrt(),
@@ -64,27 +69,28 @@ struct QFormerLayer {
 }
 
 impl QFormerLayer {
-    fn new(cfg: &QFormerConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &QFormerConfig, index: usize, vb: VarBuilder, load: &LinearLoad) -> Result<Self> {
         let d = cfg.hidden_size;
         let cross_attention = if index.is_multiple_of(cfg.cross_attention_frequency) {
             Some(QFormerAttention::new(
                 cfg,
                 cfg.encoder_hidden_size,
                 vb.pp("crossattention"),
+                load,
             )?)
         } else {
             None
         };
         Ok(Self {
-            self_attention: QFormerAttention::new(cfg, d, vb.pp("attention"))?,
+            self_attention: QFormerAttention::new(cfg, d, vb.pp("attention"), load)?,
             cross_attention,
             intermediate: linear(
                 d,
                 cfg.intermediate_size,
                 vb.pp("intermediate_query.dense"),
-                None,
+                load,
             )?,
-            output: linear(cfg.intermediate_size, d, vb.pp("output_query.dense"), None)?,
+            output: linear(cfg.intermediate_size, d, vb.pp("output_query.dense"), load)?,
             output_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output_query.LayerNorm"))?,
             act: cfg.hidden_act,
         })
@@ -111,10 +117,16 @@ pub struct QFormer {
 
 impl QFormer {
     /// `vb` is the checkpoint root: the query tokens live outside the `qformer.` prefix.
-    pub fn new(cfg: &QFormerConfig, num_query_tokens: usize, vb: VarBuilder) -> Result<Self> {
+    /// `load` is never quantised here (the Q-Former stays in the load dtype).
+    pub fn new(
+        cfg: &QFormerConfig,
+        num_query_tokens: usize,
+        vb: VarBuilder,
+        load: &LinearLoad,
+    ) -> Result<Self> {
         let q = vb.pp("qformer");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| QFormerLayer::new(cfg, i, q.pp(format!("encoder.layer.{i}"))))
+            .map(|i| QFormerLayer::new(cfg, i, q.pp(format!("encoder.layer.{i}")), load))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             query_tokens: vb.get((1, num_query_tokens, cfg.hidden_size), "query_tokens")?,

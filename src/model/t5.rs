@@ -16,7 +16,7 @@ use std::any::Any;
 
 use crate::nn::attention::{attend, merge_heads, scale, split_heads};
 use crate::nn::kv::{cat_padded, is_identity, merge_masks, KvBuffer};
-use crate::nn::{linear_no_bias, Activation, Linear, Quantization};
+use crate::nn::{linear_no_bias, linear_with, Activation, Linear, LinearLoad};
 
 use super::config::T5Config;
 use super::lm::{downcast, downcast_box, DecodeState, LanguageModel, Prefilled};
@@ -86,12 +86,7 @@ struct T5Attention {
 }
 
 impl T5Attention {
-    fn new(
-        cfg: &T5Config,
-        has_bias: bool,
-        vb: VarBuilder,
-        q: Option<Quantization>,
-    ) -> Result<Self> {
+    fn new(cfg: &T5Config, has_bias: bool, vb: VarBuilder, q: &LinearLoad) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         let relative_attention_bias = if has_bias {
             Some(embedding(
@@ -203,7 +198,7 @@ struct T5Ffn {
 }
 
 impl T5Ffn {
-    fn new(cfg: &T5Config, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(cfg: &T5Config, vb: VarBuilder, q: &LinearLoad) -> Result<Self> {
         let (act, gated) = cfg.activation()?;
         let (wi_0, wi_1) = if gated {
             (
@@ -343,12 +338,7 @@ pub struct T5Model {
 
 impl EncoderBlock {
     /// Block `i` (the first holds the relative position bias).
-    fn new(
-        cfg: &T5Config,
-        i: usize,
-        b: VarBuilder,
-        quantize: Option<Quantization>,
-    ) -> Result<Self> {
+    fn new(cfg: &T5Config, i: usize, b: VarBuilder, quantize: &LinearLoad) -> Result<Self> {
         let (d, eps) = (cfg.d_model, cfg.layer_norm_epsilon);
         Ok(Self {
             attn_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
@@ -362,12 +352,7 @@ impl EncoderBlock {
 impl DecoderBlock {
     /// Block `i` (the first holds the self-attention's relative position bias; cross-attention
     /// has none).
-    fn new(
-        cfg: &T5Config,
-        i: usize,
-        b: VarBuilder,
-        quantize: Option<Quantization>,
-    ) -> Result<Self> {
+    fn new(cfg: &T5Config, i: usize, b: VarBuilder, quantize: &LinearLoad) -> Result<Self> {
         let (d, eps) = (cfg.d_model, cfg.layer_norm_epsilon);
         Ok(Self {
             self_norm: RmsNorm::new(d, eps, b.pp("layer.0.layer_norm"))?,
@@ -383,7 +368,7 @@ impl DecoderBlock {
 impl T5Model {
     /// `vb` points at the language model (`language_model.` in BLIP-2 checkpoints).
     /// `quantize` applies to its linear weights (the head included) as they are read.
-    pub fn new(cfg: &T5Config, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
+    pub fn new(cfg: &T5Config, vb: VarBuilder, quantize: &LinearLoad) -> Result<Self> {
         let d = cfg.d_model;
         let eps = cfg.layer_norm_epsilon;
         let shared = embedding(cfg.vocab_size, d, vb.pp("shared"))?;
@@ -399,16 +384,12 @@ impl T5Model {
             // A tied head is `shared`; the reference rescales its input by d_model^-0.5.
             // (BLIP-2's Flan-T5 checkpoints are untied.)
             (
-                Linear::new(shared.embeddings().clone(), None, quantize)?,
+                Linear::new(shared.embeddings().clone(), None, quantize.quantize)?,
                 Some((d as f64).powf(-0.5)),
             )
         } else if vb.contains_tensor("lm_head.weight") {
             (
-                Linear::new(
-                    vb.get((cfg.vocab_size, d), "lm_head.weight")?,
-                    None,
-                    quantize,
-                )?,
+                linear_with(d, cfg.vocab_size, vb.pp("lm_head"), None, quantize)?,
                 None,
             )
         } else {

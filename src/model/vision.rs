@@ -8,7 +8,7 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::nn::attention::scale;
 use crate::nn::interpolate::bicubic_grid;
-use crate::nn::{linear, Activation, Linear, Quantization};
+use crate::nn::{linear, linear_with, Activation, Linear, LinearLoad};
 
 use super::config::VisionConfig;
 use super::Result;
@@ -106,9 +106,8 @@ struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, q: &LinearLoad) -> Result<Self> {
         let d = cfg.hidden_size;
-        let qkv_weight = vb.get((3 * d, d), "qkv.weight")?;
         // Older snapshots store q_bias and v_bias; the key has no bias.
         let qkv_bias = if vb.contains_tensor("qkv.bias") {
             Some(vb.get(3 * d, "qkv.bias")?)
@@ -126,7 +125,7 @@ impl VisionAttention {
         };
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
-            qkv: Linear::new(qkv_weight, qkv_bias, q)?,
+            qkv: linear_with(d, 3 * d, vb.pp("qkv"), qkv_bias, q)?,
             projection: linear(d, d, vb.pp("projection"), q)?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
@@ -161,7 +160,7 @@ struct VisionLayer {
 }
 
 impl VisionLayer {
-    fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, q: &LinearLoad) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
@@ -193,7 +192,7 @@ pub struct VisionEncoder {
 
 impl VisionEncoder {
     /// `quantize`: the encoder's linear weights, as they are read.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, quantize: &LinearLoad) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}")), quantize))
             .collect::<Result<Vec<_>>>()?;

@@ -4,7 +4,9 @@
 //! the device, dtype and shape: inputs of at most [`SKINNY_ROWS`] rows (decode steps) whose
 //! weights are f32 on the CPU go through `kernels::cpu::decode` (the cost is reading the
 //! weights, whatever the batch); q8_0 weights through `kernels::cpu::q8`; everything else
-//! (prefill, the vision encoder, other devices, `--kernels generic`) through candle's matmul.
+//! (prefill, the vision encoder, other devices, `--kernels generic`) through candle's matmul,
+//! or, for f32 weights mapped from the checkpoint's files ([`MappedSource`]), through the same
+//! gemm call candle makes (`kernels::cpu::gemm`).
 //!
 //! Quantisation (q8_0, q4k, per-channel int8) is an explicit argument of the constructor: the loader asks for it
 //! for the vision encoder and the language model, so the f32 copy of a quantised model never
@@ -19,6 +21,8 @@ use candle_nn::VarBuilder;
 use super::dispatch::{cpu_kernels_for, Kernels};
 use crate::kernels::cpu::decode::skinny_matmul;
 pub use crate::kernels::cpu::decode::SKINNY_ROWS;
+use crate::kernels::cpu::gemm::matmul_transposed;
+pub use crate::kernels::cpu::memory::MappedF32;
 use crate::kernels::cpu::q8::Q8Matrix;
 use crate::kernels::cpu::q8_panels::PanelMatrix;
 use crate::kernels::cpu::with_f32_slice;
@@ -42,10 +46,67 @@ impl Quantization {
     }
 }
 
+/// Where f32 weight matrices can be borrowed from without a copy: a checkpoint whose files are
+/// mapped into memory (`model::loader`).
+pub trait MappedSource: Send + Sync {
+    /// The tensor `name`, when the checkpoint holds it as f32 of exactly `shape`, aligned.
+    fn f32_tensor(&self, name: &str, shape: &[usize]) -> Option<MappedF32>;
+}
+
+/// How a model's constructors make their linear layers: the quantisation asked for, and the
+/// mapped checkpoint that unquantised f32 weights on the CPU are borrowed from (else they are
+/// read through the `VarBuilder`, a copy).
+#[derive(Clone, Default)]
+pub struct LinearLoad {
+    pub quantize: Option<Quantization>,
+    mapped: Option<Arc<dyn MappedSource>>,
+}
+
+impl LinearLoad {
+    pub fn new(quantize: Option<Quantization>, mapped: Option<Arc<dyn MappedSource>>) -> Self {
+        Self { quantize, mapped }
+    }
+
+    /// Quantised as asked, nothing mapped (tests, weights from random values).
+    pub fn quantized(quantize: Option<Quantization>) -> Self {
+        Self::new(quantize, None)
+    }
+
+    /// The same source without quantisation (the Q-Former and projection stay in the load
+    /// dtype).
+    pub fn unquantized(&self) -> Self {
+        Self::new(None, self.mapped.clone())
+    }
+
+    /// The weight under `vb` as a mapping, when one serves: unquantised f32 on the CPU kernels.
+    fn mapped(&self, vb: &VarBuilder, shape: &[usize]) -> Option<MappedF32> {
+        let usable = self.quantize.is_none()
+            && vb.dtype() == DType::F32
+            && vb.device().is_cpu()
+            && super::dispatch::kernels() == Kernels::Auto;
+        let prefix = vb.prefix();
+        let name = if prefix.is_empty() {
+            "weight".to_string()
+        } else {
+            format!("{prefix}.weight")
+        };
+        self.mapped
+            .as_ref()
+            .filter(|_| usable)?
+            .f32_tensor(&name, shape)
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Weight {
     /// [out, in], contiguous.
     Dense(Tensor),
+    /// [out, in], f32, in a mapping of the checkpoint's file (CPU only).
+    Mapped {
+        values: MappedF32,
+        out: usize,
+        k: usize,
+    },
     /// q8_0 with our own kernels (no repacked copy: see `kernels::cpu::q8`).
     Q8(Arc<Q8Matrix>),
     /// Per-channel int8 in column panels, every input size in integers.
@@ -97,7 +158,7 @@ impl Linear {
     /// The ggml format of the weight, if it has one (not dense, not per-channel int8).
     pub fn quantized(&self) -> Option<GgmlDType> {
         match &self.weight {
-            Weight::Dense(_) | Weight::Int8(_) => None,
+            Weight::Dense(_) | Weight::Mapped { .. } | Weight::Int8(_) => None,
             Weight::Q8(_) => Some(GgmlDType::Q8_0),
             Weight::Quantized { qtensor, .. } => Some(qtensor.dtype()),
         }
@@ -185,12 +246,33 @@ impl Linear {
         };
         self.add_bias(out.reshape(shape)?)
     }
+
+    /// Weights mapped from the checkpoint: the decode kernel for few rows, else the gemm call
+    /// candle's matmul would make (the same bits as [`Self::dense_forward`]).
+    fn mapped_forward(&self, xs: &Tensor, w: &MappedF32, n: usize, k: usize) -> Result<Tensor> {
+        if !xs.device().is_cpu() {
+            candle_core::bail!("weights mapped from the checkpoint serve CPU inputs only");
+        }
+        let (x2, rows, shape) = rows_of(&xs.to_dtype(DType::F32)?, n)?;
+        if x2.dim(1)? != k {
+            candle_core::bail!("Linear input has {} features, the weight {k}", x2.dim(1)?);
+        }
+        let x = x2.flatten_all()?.to_vec1::<f32>()?;
+        let out = if rows <= SKINNY_ROWS {
+            skinny_matmul(&x, w.as_slice(), rows, k, n)
+        } else {
+            matmul_transposed(&x, rows, k, w.as_slice(), n)
+        };
+        let y = Tensor::from_vec(out, (rows, n), xs.device())?.to_dtype(xs.dtype())?;
+        self.add_bias(y.reshape(shape)?)
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => self.dense_forward(xs, w),
+            Weight::Mapped { values, out, k } => self.mapped_forward(xs, values, *out, *k),
             Weight::Q8(q) => self.quantized_forward(xs, q.out_features(), |x2, rows| {
                 if (rows <= SKINNY_ROWS || q.serves_any_rows()) && xs.device().is_cpu() {
                     let x = x2.flatten_all()?.to_vec1::<f32>()?;
@@ -218,40 +300,56 @@ impl Module for Linear {
     }
 }
 
-/// The `weight` (and `bias`) under `vb`, [out, in] as HF stores them.
+/// The `weight` under `vb`, [out, in] as HF stores them, with `bias`: borrowed from the mapped
+/// checkpoint where `load` has one that serves, else read and quantised as asked.
+pub fn linear_with(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    bias: Option<Tensor>,
+    load: &LinearLoad,
+) -> Result<Linear> {
+    if let Some(values) = load.mapped(&vb, &[out_dim, in_dim]) {
+        let weight = Weight::Mapped {
+            values,
+            out: out_dim,
+            k: in_dim,
+        };
+        return Ok(Linear { weight, bias });
+    }
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    Linear::new(weight, bias, load.quantize)
+}
+
+/// The `weight` (and `bias`, when `bias`) under `vb`: [`linear_with`].
 pub fn linear_b(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
     vb: VarBuilder,
-    quantize: Option<Quantization>,
+    load: &LinearLoad,
 ) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    Linear::new(weight, bias, quantize)
+    linear_with(in_dim, out_dim, vb, bias, load)
 }
 
-pub fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    vb: VarBuilder,
-    quantize: Option<Quantization>,
-) -> Result<Linear> {
-    linear_b(in_dim, out_dim, true, vb, quantize)
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder, load: &LinearLoad) -> Result<Linear> {
+    linear_b(in_dim, out_dim, true, vb, load)
 }
 
 pub fn linear_no_bias(
     in_dim: usize,
     out_dim: usize,
     vb: VarBuilder,
-    quantize: Option<Quantization>,
+    load: &LinearLoad,
 ) -> Result<Linear> {
-    linear_b(in_dim, out_dim, false, vb, quantize)
+    linear_b(in_dim, out_dim, false, vb, load)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,4 +14,6 @@ pub mod linear;
 
 pub use activation::Activation;
 pub use dispatch::{kernels, set_kernels, Kernels};
-pub use linear::{linear, linear_b, linear_no_bias, Linear, Quantization};
+pub use linear::{
+    linear, linear_b, linear_no_bias, linear_with, Linear, LinearLoad, MappedSource, Quantization,
+};

@@ -1,4 +1,5 @@
-//! Memory advice for large read-mostly buffers (the weights).
+//! Memory for large read-mostly buffers (the weights): advice for the ones we allocate, and
+//! views of the ones mapped from a checkpoint's files.
 
 /// Asks the kernel to back `len` bytes at `ptr` (a fresh, untouched allocation) with 2 MiB
 /// pages where it can: decode streams gigabytes of weights per step, and with 4 KiB pages the
@@ -16,5 +17,39 @@ pub fn advise_huge_pages(ptr: *const u8, len: usize) {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
             }
         }
+    }
+}
+
+/// f32 values that live in a read-only mapping of a checkpoint file: the weights are the page
+/// cache's pages, not a copy (no second copy in memory, nothing to read at start-up when the
+/// files are cached). The mapping stays while any `MappedF32` of it is alive.
+#[derive(Clone)]
+pub struct MappedF32 {
+    map: std::sync::Arc<memmap2::Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl MappedF32 {
+    /// `len` values at byte `start` of `map`; `None` when they fall outside it or are not
+    /// 4-byte aligned (safetensors does not promise alignment; such a tensor is copied).
+    pub fn new(map: std::sync::Arc<memmap2::Mmap>, start: usize, len: usize) -> Option<Self> {
+        let end = len.checked_mul(4)?.checked_add(start)?;
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>());
+        (end <= map.len() && aligned).then_some(Self { map, start, len })
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: `new` checked that the range lies inside the mapping and is aligned for f32;
+        // every bit pattern is an f32; the mapping is read-only and lives as long as `self`.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.start) as *const f32, self.len)
+        }
+    }
+}
+
+impl std::fmt::Debug for MappedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedF32({} values at byte {})", self.len, self.start)
     }
 }

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod decode;
 pub mod gelu;
+pub mod gemm;
 pub mod memory;
 pub mod q8;
 pub mod q8_panels;
