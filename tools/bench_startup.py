@@ -4,7 +4,8 @@ Not a test: the numbers depend on the machine.
 
     python tools/bench_startup.py --model DIR [--runs 3] [--steps 20] [--image IMG]
         [--prompt "a photo of"] [--binary target/release/blip2-server] [--server-args ...]
-        [--compare-args "--no-mmap"] [--no-transformers] [--out results.json]
+        [--compare-args "--mmap false"] [--compare-binary BIN] [--no-transformers]
+        [--out results.json]
 
 Per run, in this order, each in a fresh process:
   1. read: every *.safetensors file of --model read once, sequentially, in 64 MiB pieces, after
@@ -15,7 +16,8 @@ Per run, in this order, each in a fresh process:
   2. ours: `blip2-server serve` started; seconds to the first 200 from GET /ready; then the
      first caption (what the first user waits once the replica is ready), a second one (warm),
      the process's peak RSS (VmHWM), and start-to-first-caption.
-  3. ours again with --compare-args added (when given): the same figures.
+  3. ours again with --compare-args added, or --compare-binary (another build) instead of
+     --binary, when either is given: the same figures.
   4. transformers (unless --no-transformers): a fresh Python that imports torch and
      transformers, loads the model (from_pretrained, f32) and captions once; its import, load,
      first caption and process-start-to-first-caption.
@@ -76,8 +78,8 @@ def caption(args):
     return time.perf_counter() - t
 
 
-def ours(args, extra):
-    cmd = [args.binary, "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(PORT),
+def ours(args, extra, binary):
+    cmd = [binary, "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(PORT),
            "--image-cache-size", "0"] + args.server_args.split() + extra.split()
     start = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -146,7 +148,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "blip2-server"))
     ap.add_argument("--server-args", default="", help="added to every start of ours")
-    ap.add_argument("--compare-args", default=None, help="a second configuration of ours, e.g. --no-mmap")
+    ap.add_argument("--compare-args", default=None, help="a second configuration of ours, e.g. '--mmap false'")
+    ap.add_argument("--compare-binary", default=None, help="a second build of ours")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -158,10 +161,10 @@ def main():
         seconds, total = read_files(files)
         results["read"].append({"read_s": seconds, "bytes": total, "gb_per_s": total / seconds / 1e9})
         read_files(files)
-        results["ours"].append(ours(args, ""))
-        if args.compare_args is not None:
+        results["ours"].append(ours(args, "", args.binary))
+        if args.compare_args is not None or args.compare_binary:
             read_files(files)
-            results["compare"].append(ours(args, args.compare_args))
+            results["compare"].append(ours(args, args.compare_args or "", args.compare_binary or args.binary))
         if not args.no_transformers:
             read_files(files)
             results["transformers"].append(reference(args))
@@ -174,8 +177,9 @@ def main():
     print("| (median of %d) | to /ready (s) | x read | first caption (s) | second caption (s) "
           "| start to first caption (s) | peak RSS (GiB) |" % args.runs)
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    compare = args.compare_binary or ""
     for label, key in [(f"ours {args.server_args}".strip(), "ours"),
-                       (f"ours {args.server_args} {args.compare_args}".strip(), "compare")]:
+                       (f"ours {compare} {args.server_args} {args.compare_args or ''}".strip(), "compare")]:
         rows = results[key]
         if not rows:
             continue

@@ -38,3 +38,20 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// `n` layers made by `build`, in order. On the CPU they are made on rayon's threads: a layer's
+/// weights are read, and quantised for a quantised load, independently of the other layers', so
+/// a load uses every core (at most one layer's f32 weights per thread exist at once). On a GPU
+/// one after the other, each copy to the device from the loading thread.
+pub(crate) fn build_layers<T: Send>(
+    n: usize,
+    on_cpu: bool,
+    build: impl Fn(usize) -> Result<T> + Sync + Send,
+) -> Result<Vec<T>> {
+    use rayon::prelude::*;
+    if on_cpu {
+        (0..n).into_par_iter().map(build).collect()
+    } else {
+        (0..n).map(build).collect()
+    }
+}

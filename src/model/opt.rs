@@ -226,9 +226,9 @@ impl OptDecoder {
             d,
             dec.pp("embed_positions"),
         )?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| OptLayer::new(cfg, dec.pp(format!("layers.{i}")), quantize))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = super::build_layers(cfg.num_hidden_layers, dec.device().is_cpu(), |i| {
+            OptLayer::new(cfg, dec.pp(format!("layers.{i}")), quantize)
+        })?;
         let final_layer_norm = if cfg.do_layer_norm_before && !cfg.remove_final_layer_norm {
             Some(opt_layer_norm(cfg, dec.pp("final_layer_norm"))?)
         } else {

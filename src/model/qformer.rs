@@ -125,9 +125,9 @@ impl QFormer {
         load: &LinearLoad,
     ) -> Result<Self> {
         let q = vb.pp("qformer");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| QFormerLayer::new(cfg, i, q.pp(format!("encoder.layer.{i}")), load))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = super::build_layers(cfg.num_hidden_layers, vb.device().is_cpu(), |i| {
+            QFormerLayer::new(cfg, i, q.pp(format!("encoder.layer.{i}")), load)
+        })?;
         Ok(Self {
             query_tokens: vb.get((1, num_query_tokens, cfg.hidden_size), "query_tokens")?,
             layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, q.pp("layernorm"))?,

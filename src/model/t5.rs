@@ -373,13 +373,14 @@ impl T5Model {
         let eps = cfg.layer_norm_epsilon;
         let shared = embedding(cfg.vocab_size, d, vb.pp("shared"))?;
         let enc = vb.pp("encoder");
-        let encoder = (0..cfg.num_layers)
-            .map(|i| EncoderBlock::new(cfg, i, enc.pp(format!("block.{i}")), quantize))
-            .collect::<Result<Vec<_>>>()?;
+        let on_cpu = vb.device().is_cpu();
+        let encoder = super::build_layers(cfg.num_layers, on_cpu, |i| {
+            EncoderBlock::new(cfg, i, enc.pp(format!("block.{i}")), quantize)
+        })?;
         let dec = vb.pp("decoder");
-        let decoder = (0..cfg.decoder_layers())
-            .map(|i| DecoderBlock::new(cfg, i, dec.pp(format!("block.{i}")), quantize))
-            .collect::<Result<Vec<_>>>()?;
+        let decoder = super::build_layers(cfg.decoder_layers(), on_cpu, |i| {
+            DecoderBlock::new(cfg, i, dec.pp(format!("block.{i}")), quantize)
+        })?;
         let (lm_head, head_scale) = if cfg.tie_word_embeddings {
             // A tied head is `shared`; the reference rescales its input by d_model^-0.5.
             // (BLIP-2's Flan-T5 checkpoints are untied.)

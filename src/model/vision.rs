@@ -193,9 +193,9 @@ pub struct VisionEncoder {
 impl VisionEncoder {
     /// `quantize`: the encoder's linear weights, as they are read.
     pub fn new(cfg: &VisionConfig, vb: VarBuilder, quantize: &LinearLoad) -> Result<Self> {
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}")), quantize))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = super::build_layers(cfg.num_hidden_layers, vb.device().is_cpu(), |i| {
+            VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}")), quantize)
+        })?;
         Ok(Self {
             embeddings: VisionEmbeddings::new(cfg, vb.pp("embeddings"))?,
             layers,

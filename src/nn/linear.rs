@@ -174,11 +174,13 @@ fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
         if !k.is_multiple_of(4) {
             return Ok(None);
         }
-        let w = weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let packed = PanelMatrix::quantize_per_channel(&w, out, k);
+        // Quantised from the weight's own storage: no f32 copy of it.
+        let w = weight.to_dtype(DType::F32)?.contiguous()?;
+        let quantize = |w: &[f32]| PanelMatrix::quantize_per_channel(w, out, k);
+        let packed = match with_f32_slice(&w, quantize)? {
+            Some(p) => p,
+            None => quantize(&w.flatten_all()?.to_vec1::<f32>()?),
+        };
         return Ok(Some(Weight::Int8(Arc::new(packed))));
     }
     let dtype = [q.ggml(), GgmlDType::Q8_0]

@@ -7,13 +7,11 @@
 //! once, widening each to f32 in registers, and larger inputs (prefill, the vision encoder, which
 //! are compute-bound) multiply by the weights dequantised for the call.
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
 const QK: usize = 32;
-const BLOCK_BYTES: usize = 34;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
@@ -55,24 +53,37 @@ impl Q8Matrix {
         self.panels.is_some()
     }
 
-    /// Quantised, in the row layout whatever the CPU.
+    /// Quantised, in the row layout whatever the CPU: ggml's `quantize_row_q8_0` (d = max|x| /
+    /// 127 kept as f16, q = round(x / d) computed with the f32 d), across threads, on the weight's
+    /// own storage. The same bytes and scales as candle's quantiser (unit test).
     pub fn quantize_rows_layout(weight: &Tensor) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         if k % QK != 0 {
             candle_core::bail!("q8_0 needs an input width that is a multiple of 32, got {k}");
         }
-        let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
-        let data = q.data()?;
-        if data.len() != n * k / QK * BLOCK_BYTES {
-            candle_core::bail!("unexpected q8_0 storage size {}", data.len());
-        }
-        let mut qs = Vec::with_capacity(n * k);
-        super::memory::advise_huge_pages(qs.as_ptr() as *const u8, n * k);
-        let mut scales = Vec::with_capacity(n * k / QK);
-        for block in data.chunks_exact(BLOCK_BYTES) {
-            scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
-            qs.extend(block[2..].iter().map(|&b| b as i8));
-        }
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let quantize = |w: &[f32]| {
+            let mut qs = vec![0i8; n * k];
+            super::memory::advise_huge_pages(qs.as_ptr() as *const u8, n * k);
+            let mut scales = vec![0f32; n * k / QK];
+            qs.par_chunks_mut(k)
+                .zip(scales.par_chunks_mut(k / QK))
+                .zip(w.par_chunks(k))
+                .for_each(|((q, d), w)| {
+                    for ((qb, db), wb) in q.chunks_mut(QK).zip(d.iter_mut()).zip(w.chunks(QK)) {
+                        let amax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        let scale = amax / 127.0;
+                        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                        super::scale_round(wb, inv, qb);
+                        *db = f16::from_f32(scale).to_f32();
+                    }
+                });
+            (qs, scales)
+        };
+        let (qs, scales) = match super::with_f32_slice(&weight, quantize)? {
+            Some(q) => q,
+            None => quantize(&weight.flatten_all()?.to_vec1::<f32>()?),
+        };
         Ok(Self {
             qs,
             scales,
@@ -170,9 +181,7 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        for (o, v) in qb.iter_mut().zip(xb) {
-            *o = (v * inv).round() as i8;
-        }
+        super::scale_round(xb, inv, qb);
         *db = scale;
     }
     (q, d)
@@ -429,6 +438,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
 
     #[test]
     fn kernels_agree_with_candles_dequantised_weights() {

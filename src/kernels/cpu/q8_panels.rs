@@ -78,11 +78,7 @@ fn quantize_row(x: &[f32], block: usize, q: &mut [i8], d: &mut [f32], seed: &mut
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        let mut sum = 0i32;
-        for (o, v) in qb.iter_mut().zip(xb) {
-            *o = (v * inv).round() as i8;
-            sum += i32::from(*o);
-        }
+        let sum = super::scale_round(xb, inv, qb);
         *db = scale;
         *sb = -128 * sum;
     }
@@ -121,9 +117,7 @@ impl PanelMatrix {
                 let amax = w.iter().fold(0f32, |a, v| a.max(v.abs()));
                 *d = amax / 127.0;
                 let inv = if *d != 0.0 { 1.0 / *d } else { 0.0 };
-                for (o, v) in q.iter_mut().zip(w) {
-                    *o = (v * inv).round() as i8;
-                }
+                super::scale_round(w, inv, q);
             });
         Self::pack_blocks(&qs, &scales, n, k, k)
     }
