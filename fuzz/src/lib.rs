@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use blip2_server::model::loader::{ModelFiles, ModelSource, SafetensorsWeights};
+use blip2_server::nn::MappedSource;
 use blip2_server::pipeline::{Blip2Pipeline, LoadOptions};
 use blip2_server::preprocess::ImageProcessor;
 use blip2_server::prompt::PromptBuilder;
@@ -260,13 +261,47 @@ fn read_all(weights: &SafetensorsWeights) {
 }
 
 /// The bytes as one safetensors file: its header may lie about offsets, sizes, dtypes and
-/// shapes; it is refused with an error, or every tensor in it reads.
+/// shapes; it is refused with an error, or every tensor in it reads. Mapped (`mmap`), it is
+/// refused or accepted alike, and every f32 tensor the mapping lends holds exactly the values
+/// a read gives.
 pub fn safetensors(data: &[u8]) {
     let path = scratch("safetensors").join("fuzz.safetensors");
     std::fs::write(&path, data).expect("writing the scratch file");
     let opened = SafetensorsWeights::open(std::slice::from_ref(&path));
+    let mapped = SafetensorsWeights::open_with(std::slice::from_ref(&path), true);
+    assert_eq!(
+        opened.is_ok(),
+        mapped.is_ok(),
+        "mapping changed whether the file opens"
+    );
     if let Ok(weights) = opened {
         read_all(&weights);
+    }
+    if let Ok(weights) = mapped {
+        for (name, shape) in weights.tensors() {
+            if shape.iter().any(|&d| d > 1 << 20) {
+                continue;
+            }
+            let Some(view) = weights.f32_tensor(name, shape) else {
+                continue;
+            };
+            let read = weights
+                .get(
+                    shape.into(),
+                    name,
+                    candle_nn::Init::Const(0.),
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .unwrap_or_else(|e| panic!("{name}: lent by the mapping, but not read: {e}"));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(view.as_slice()),
+                bits(&read),
+                "{name}: mapping and read differ"
+            );
+        }
     }
 }
 
