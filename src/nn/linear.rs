@@ -67,11 +67,6 @@ impl LinearLoad {
         Self { quantize, mapped }
     }
 
-    /// Quantised as asked, nothing mapped (tests, weights from random values).
-    pub fn quantized(quantize: Option<Quantization>) -> Self {
-        Self::new(quantize, None)
-    }
-
     /// The same source without quantisation (the Q-Former and projection stay in the load
     /// dtype).
     pub fn unquantized(&self) -> Self {
