@@ -1,19 +1,32 @@
 //! `mmap` (the default): an unquantised f32 load borrows its linear weights from a mapping of
 //! the checkpoint's files. It must give exactly what the copied load gives (the same bits at
 //! every stage and the same generations) on every tiny checkpoint, OPT and Flan-T5, sharded
-//! and single-file, and it must really map: the files stay mapped while the model lives.
+//! and single-file, and it must really map: the files stay mapped while the model lives. A
+//! quantised load quantises from the mapping: the same bits as quantising what was read, and
+//! nothing stays mapped.
 
 mod common;
 
 use blip2_server::generation::GenerationParams;
+use blip2_server::kernels::cpu::q8_panels::PanelMatrix;
 use blip2_server::model::ModelFiles;
+use blip2_server::nn::Quantization;
 use blip2_server::{Blip2Pipeline, LoadOptions};
 use common::*;
 
 fn load(model: &str, mmap: bool) -> (Blip2Pipeline, ModelFiles) {
+    load_quantized(model, mmap, None)
+}
+
+fn load_quantized(
+    model: &str,
+    mmap: bool,
+    quantize: Option<Quantization>,
+) -> (Blip2Pipeline, ModelFiles) {
     let files = ModelFiles::from_dir(&model_dir(model)).unwrap();
     let options = LoadOptions {
         mmap,
+        quantize,
         ..LoadOptions::default()
     };
     (Blip2Pipeline::load_files(&files, &options).unwrap(), files)
@@ -99,5 +112,27 @@ fn mapped_weights_equal_copied_weights_bit_for_bit() {
             0,
             "{model}: the mapping goes with the model"
         );
+    }
+    let mut formats = vec![Quantization::Q8_0];
+    if PanelMatrix::available() {
+        formats.push(Quantization::Int8);
+    }
+    for model in ["opt-tiny", "t5-tiny-legacy"] {
+        for &q in &formats {
+            let (read, _) = load_quantized(model, false, Some(q));
+            let expected = outputs(&read);
+            drop(read);
+            let (mapped, files) = load_quantized(model, true, Some(q));
+            assert_eq!(
+                mapped_weight_files(&files),
+                0,
+                "{model} {q:?}: nothing stays mapped"
+            );
+            assert_eq!(
+                outputs(&mapped),
+                expected,
+                "{model} {q:?}: from the mapping and read differ"
+            );
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use blip2_server::model::loader::{ModelFiles, ModelSource, SafetensorsWeights};
+use blip2_server::model::loader::{Mapping, ModelFiles, ModelSource, SafetensorsWeights};
 use blip2_server::nn::MappedSource;
 use blip2_server::pipeline::{Blip2Pipeline, LoadOptions};
 use blip2_server::preprocess::ImageProcessor;
@@ -268,7 +268,7 @@ pub fn safetensors(data: &[u8]) {
     let path = scratch("safetensors").join("fuzz.safetensors");
     std::fs::write(&path, data).expect("writing the scratch file");
     let opened = SafetensorsWeights::open(std::slice::from_ref(&path));
-    let mapped = SafetensorsWeights::open_with(std::slice::from_ref(&path), true);
+    let mapped = SafetensorsWeights::open_with(std::slice::from_ref(&path), Mapping::Populated);
     assert_eq!(
         opened.is_ok(),
         mapped.is_ok(),

@@ -11,7 +11,7 @@ use crate::nn::{linear, Kernels, Linear, LinearLoad, MappedSource, Quantization}
 
 use super::config::{Blip2Config, TextConfig};
 use super::lm::LanguageModel;
-use super::loader::{ModelFiles, SafetensorsWeights};
+use super::loader::{Mapping, ModelFiles, SafetensorsWeights};
 use super::opt::OptDecoder;
 use super::qformer::QFormer;
 use super::t5::T5Model;
@@ -67,18 +67,24 @@ impl Blip2Model {
                  outputs with f32 on yours before relying on them"
             );
         }
-        // Mapped where the mapping is what runs: unquantised f32 weights on the CPU kernels. A
-        // quantised load reads each f32 matrix once to quantise it, so mapping the whole files
-        // would only inflate its resident memory while it loads.
+        // Mapped for an f32 load on the CPU kernels. Unquantised, the mapping is what runs, and
+        // it is populated now; quantised, each matrix is quantised straight from the mapping
+        // and its pages released, so it is not populated (that would make the whole f32
+        // checkpoint resident at once).
         let map = map_files
-            && quantize.is_none()
             && device.is_cpu()
             && dtype == DType::F32
             && crate::nn::kernels() == Kernels::Auto;
-        let weights = Arc::new(SafetensorsWeights::open_with(&files.weights, map)?);
+        let mapping = match (map, quantize) {
+            (false, _) => Mapping::Read,
+            (true, None) => Mapping::Populated,
+            (true, Some(_)) => Mapping::OnDemand,
+        };
+        let weights = Arc::new(SafetensorsWeights::open_with(&files.weights, mapping)?);
         let mapped = map.then(|| weights.clone() as Arc<dyn MappedSource>);
         let vb = SafetensorsWeights::shared_var_builder(weights, dtype, device);
-        Self::build(config, vb, &LinearLoad::new(quantize, mapped))
+        let load = LinearLoad::new(quantize, mapped, mapping == Mapping::Populated);
+        Self::build(config, vb, &load)
     }
 
     pub fn from_var_builder(config: Blip2Config, vb: VarBuilder) -> Result<Self> {

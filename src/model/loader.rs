@@ -1,13 +1,15 @@
 //! Finds a checkpoint's files (a local directory or a Hub id through hf-hub) and reads its
 //! safetensors weights, single-file or sharded (`model.safetensors.index.json`).
 //!
-//! Two ways to hold the weights. Mapped (an unquantised f32 load on the CPU, the default): each
-//! file is mapped read-only and populated at open, and the linear layers' weights, nearly all
-//! the bytes, are borrowed from the mapping ([`MappedSource`]); the page cache's pages are the
-//! weights, so a replica starting on a host whose page cache holds the files reads nothing and
-//! copies nothing. Everything else (norms, embeddings, biases, and every weight of a quantised
-//! or non-f32 load) is read with positioned reads straight into candle tensors, which own their
-//! storage: mapping those too would hold a second copy of every page until the load ends.
+//! Two ways to hold the weights. Mapped (an f32 load on the CPU, the default): each file is
+//! mapped read-only. Unquantised, the mapping is populated at open and the linear layers'
+//! weights, nearly all the bytes, are borrowed from it ([`MappedSource`]): the page cache's
+//! pages are the weights, so a replica starting on a host whose page cache holds the files
+//! reads nothing and copies nothing. Quantised, each linear weight is quantised straight from
+//! the mapping and its pages released ([`Mapping::OnDemand`]). Everything else (norms,
+//! embeddings, biases, the unquantised layers of a quantised load, every weight of a non-f32
+//! load) is read with positioned reads straight into candle tensors, which own their storage:
+//! mapping those too would hold a second copy of every page until the load ends.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -300,6 +302,18 @@ fn read_typed<T: Copy + Default>(
     Ok(values)
 }
 
+/// Whether [`SafetensorsWeights`] maps its files besides reading them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Tensors are only read (positioned reads).
+    Read,
+    /// Mapped, and every page populated at open (read from the disk if the page cache lacks
+    /// it), so that no request pays for it later: the mapping is the weights.
+    Populated,
+    /// Mapped, pages faulted in as they are first read: a weight quantised from the mapping.
+    OnDemand,
+}
+
 pub struct SafetensorsWeights {
     files: Vec<(PathBuf, File)>,
     /// Each file's mapping, when opened with `map`.
@@ -322,12 +336,11 @@ fn parse_dtype(s: &str) -> Option<DType> {
 
 impl SafetensorsWeights {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
-        Self::open_with(paths, false)
+        Self::open_with(paths, Mapping::Read)
     }
 
-    /// With `map`, every file is also mapped read-only and its pages populated now (read from
-    /// the disk if the page cache lacks them), so that no request pays for them later.
-    pub fn open_with(paths: &[PathBuf], map: bool) -> Result<Self> {
+    /// Opens the files, and maps them as `mapping` says.
+    pub fn open_with(paths: &[PathBuf], mapping: Mapping) -> Result<Self> {
         let mut files = Vec::new();
         let mut maps = Vec::new();
         let mut entries = HashMap::new();
@@ -398,15 +411,19 @@ impl SafetensorsWeights {
                     },
                 );
             }
-            if map {
+            if mapping == Mapping::Read {
+                maps.push(None);
+            } else {
+                let mut options = memmap2::MmapOptions::new();
+                if mapping == Mapping::Populated {
+                    options.populate();
+                }
                 // SAFETY: the mapping is read-only. If the file is changed or truncated on disk
                 // while the server runs, what the weights read changes with it (or the process
-                // gets SIGBUS), as with any mapped checkpoint; `--no-mmap` copies instead.
-                let mapping = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+                // gets SIGBUS), as with any mapped checkpoint; `--mmap false` reads instead.
+                let map = unsafe { options.map(&file) }
                     .map_err(|e| bad(format!("mapping the file: {e}")))?;
-                maps.push(Some(Arc::new(mapping)));
-            } else {
-                maps.push(None);
+                maps.push(Some(Arc::new(map)));
             }
             files.push((path.clone(), file));
         }

@@ -60,22 +60,35 @@ pub trait MappedSource: Send + Sync {
 pub struct LinearLoad {
     pub quantize: Option<Quantization>,
     mapped: Option<Arc<dyn MappedSource>>,
+    /// Whether unquantised weights may stay views of the mapping: its pages were populated at
+    /// open. A quantised load maps without populating, only to quantise from the mapping, and
+    /// reads its unquantised weights, so that no request faults pages in later.
+    lend_dense: bool,
 }
 
 impl LinearLoad {
-    pub fn new(quantize: Option<Quantization>, mapped: Option<Arc<dyn MappedSource>>) -> Self {
-        Self { quantize, mapped }
+    pub fn new(
+        quantize: Option<Quantization>,
+        mapped: Option<Arc<dyn MappedSource>>,
+        lend_dense: bool,
+    ) -> Self {
+        Self {
+            quantize,
+            mapped,
+            lend_dense,
+        }
     }
 
     /// The same source without quantisation (the Q-Former and projection stay in the load
     /// dtype).
     pub fn unquantized(&self) -> Self {
-        Self::new(None, self.mapped.clone())
+        Self::new(None, self.mapped.clone(), self.lend_dense)
     }
 
-    /// The weight under `vb` as a mapping, when one serves: unquantised f32 on the CPU kernels.
+    /// The weight under `vb` as a mapping, when one serves: f32 on the CPU kernels, lent as it
+    /// is when `lend_dense`, else only to be quantised.
     fn mapped(&self, vb: &VarBuilder, shape: &[usize]) -> Option<MappedF32> {
-        let usable = self.quantize.is_none()
+        let usable = (self.quantize.is_some() || self.lend_dense)
             && vb.dtype() == DType::F32
             && vb.device().is_cpu()
             && super::dispatch::kernels() == Kernels::Auto;
@@ -193,6 +206,28 @@ fn quantize(weight: &Tensor, q: Quantization) -> Result<Option<Weight>> {
     }))
 }
 
+/// [`quantize`] of f32 values [out, k] mapped from the checkpoint, where the format takes a
+/// slice (int8, q8_0); `None` for the others (q4k through candle), which read a tensor.
+fn quantize_slice(w: &[f32], out: usize, k: usize, q: Quantization) -> Result<Option<Weight>> {
+    if q == Quantization::Int8 {
+        if !PanelMatrix::available() {
+            candle_core::bail!("--quantize int8 needs a CPU with AVX-512 VNNI; use q8_0");
+        }
+        if !k.is_multiple_of(4) {
+            return Ok(None);
+        }
+        let packed = PanelMatrix::quantize_per_channel(w, out, k);
+        return Ok(Some(Weight::Int8(Arc::new(packed))));
+    }
+    let format = [q.ggml(), GgmlDType::Q8_0]
+        .into_iter()
+        .find(|d| k.is_multiple_of(d.block_size()));
+    if format != Some(GgmlDType::Q8_0) {
+        return Ok(None);
+    }
+    Ok(Q8Matrix::quantize_slice(w, out, k).map(|m| Weight::Q8(Arc::new(m))))
+}
+
 /// `xs` [..., k] as rows [rows, k], and the output shape for `n` output features.
 fn rows_of(xs: &Tensor, n: usize) -> Result<(Tensor, usize, Vec<usize>)> {
     let mut shape = xs.dims().to_vec();
@@ -307,12 +342,22 @@ pub fn linear_with(
     load: &LinearLoad,
 ) -> Result<Linear> {
     if let Some(values) = load.mapped(&vb, &[out_dim, in_dim]) {
-        let weight = Weight::Mapped {
-            values,
-            out: out_dim,
-            k: in_dim,
+        let weight = match load.quantize {
+            None => Some(Weight::Mapped {
+                values,
+                out: out_dim,
+                k: in_dim,
+            }),
+            Some(q) => {
+                let weight = quantize_slice(values.as_slice(), out_dim, in_dim, q)?;
+                values.release();
+                weight
+            }
         };
-        return Ok(Linear { weight, bias });
+        // A format that cannot quantise from a slice (q4k) reads the weight below.
+        if let Some(weight) = weight {
+            return Ok(Linear { weight, bias });
+        }
     }
     let weight = vb.get((out_dim, in_dim), "weight")?;
     Linear::new(weight, bias, load.quantize)

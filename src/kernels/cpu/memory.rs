@@ -39,6 +39,27 @@ impl MappedF32 {
         (end <= map.len() && aligned).then_some(Self { map, start, len })
     }
 
+    /// Tells the kernel this process no longer needs the pages that lie wholly inside these
+    /// values (a weight quantised from the mapping): they leave the process's resident memory
+    /// and stay in the page cache. Reading them again is still correct (they fault back in).
+    pub fn release(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            const PAGE: usize = 4096;
+            let ptr = self.map.as_ptr() as usize + self.start;
+            let start = ptr.div_ceil(PAGE) * PAGE;
+            let end = (ptr + self.len * 4) / PAGE * PAGE;
+            if end > start {
+                // SAFETY: the range lies inside a read-only file mapping we own; MADV_DONTNEED
+                // on it only drops page-table entries, which later reads fault back in from the
+                // file, so no value anyone reads changes.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                }
+            }
+        }
+    }
+
     pub fn as_slice(&self) -> &[f32] {
         // SAFETY: `new` checked that the range lies inside the mapping and is aligned for f32;
         // every bit pattern is an f32; the mapping is read-only and lives as long as `self`.

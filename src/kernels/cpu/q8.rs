@@ -34,18 +34,27 @@ impl Q8Matrix {
     /// Quantises an [n, k] weight (k a multiple of 32) as ggml does (candle's quantiser), packed
     /// in panels where this CPU has AVX-512 VNNI.
     pub fn quantize(weight: &Tensor) -> Result<Self> {
-        let rows = Self::quantize_rows_layout(weight)?;
+        Ok(Self::packed(Self::quantize_rows_layout(weight)?))
+    }
+
+    /// [`Self::quantize`] of the [n, k] values `w` (a weight mapped from the checkpoint);
+    /// `None` when k is not a multiple of 32 or `w` is not n x k.
+    pub fn quantize_slice(w: &[f32], n: usize, k: usize) -> Option<Self> {
+        (k.is_multiple_of(QK) && w.len() == n * k).then(|| Self::packed(Self::rows_of(w, n, k)))
+    }
+
+    fn packed(rows: Self) -> Self {
         if !PanelMatrix::available() {
-            return Ok(rows);
+            return rows;
         }
         let panels = PanelMatrix::pack(&rows.qs, &rows.scales, rows.n, rows.k);
-        Ok(Self {
+        Self {
             qs: Vec::new(),
             scales: Vec::new(),
             panels: Some(panels),
             n: rows.n,
             k: rows.k,
-        })
+        }
     }
 
     /// Whether [`matmul`](Self::matmul) serves inputs of any number of rows (else up to 16).
@@ -62,35 +71,37 @@ impl Q8Matrix {
             candle_core::bail!("q8_0 needs an input width that is a multiple of 32, got {k}");
         }
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
-        let quantize = |w: &[f32]| {
-            let mut qs = vec![0i8; n * k];
-            super::memory::advise_huge_pages(qs.as_ptr() as *const u8, n * k);
-            let mut scales = vec![0f32; n * k / QK];
-            qs.par_chunks_mut(k)
-                .zip(scales.par_chunks_mut(k / QK))
-                .zip(w.par_chunks(k))
-                .for_each(|((q, d), w)| {
-                    for ((qb, db), wb) in q.chunks_mut(QK).zip(d.iter_mut()).zip(w.chunks(QK)) {
-                        let amax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                        let scale = amax / 127.0;
-                        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-                        super::scale_round(wb, inv, qb);
-                        *db = f16::from_f32(scale).to_f32();
-                    }
-                });
-            (qs, scales)
-        };
-        let (qs, scales) = match super::with_f32_slice(&weight, quantize)? {
-            Some(q) => q,
-            None => quantize(&weight.flatten_all()?.to_vec1::<f32>()?),
-        };
-        Ok(Self {
+        let quantize = |w: &[f32]| Self::rows_of(w, n, k);
+        match super::with_f32_slice(&weight, quantize)? {
+            Some(q) => Ok(q),
+            None => Ok(quantize(&weight.flatten_all()?.to_vec1::<f32>()?)),
+        }
+    }
+
+    /// The row layout of `w` [n, k], k a multiple of 32.
+    fn rows_of(w: &[f32], n: usize, k: usize) -> Self {
+        let mut qs = vec![0i8; n * k];
+        super::memory::advise_huge_pages(qs.as_ptr() as *const u8, n * k);
+        let mut scales = vec![0f32; n * k / QK];
+        qs.par_chunks_mut(k)
+            .zip(scales.par_chunks_mut(k / QK))
+            .zip(w.par_chunks(k))
+            .for_each(|((q, d), w)| {
+                for ((qb, db), wb) in q.chunks_mut(QK).zip(d.iter_mut()).zip(w.chunks(QK)) {
+                    let amax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                    super::scale_round(wb, inv, qb);
+                    *db = f16::from_f32(scale).to_f32();
+                }
+            });
+        Self {
             qs,
             scales,
             panels: None,
             n,
             k,
-        })
+        }
     }
 
     pub fn out_features(&self) -> usize {
