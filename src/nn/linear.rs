@@ -92,16 +92,14 @@ impl LinearLoad {
             && vb.dtype() == DType::F32
             && vb.device().is_cpu()
             && super::dispatch::kernels() == Kernels::Auto;
+        let source = self.mapped.as_ref().filter(|_| usable)?;
         let prefix = vb.prefix();
         let name = if prefix.is_empty() {
             "weight".to_string()
         } else {
             format!("{prefix}.weight")
         };
-        self.mapped
-            .as_ref()
-            .filter(|_| usable)?
-            .f32_tensor(&name, shape)
+        source.f32_tensor(&name, shape)
     }
 }
 
@@ -289,11 +287,17 @@ impl Linear {
         if x2.dim(1)? != k {
             candle_core::bail!("Linear input has {} features, the weight {k}", x2.dim(1)?);
         }
-        let x = x2.flatten_all()?.to_vec1::<f32>()?;
-        let out = if rows <= SKINNY_ROWS {
-            skinny_matmul(&x, w.as_slice(), rows, k, n)
-        } else {
-            matmul_transposed(&x, rows, k, w.as_slice(), n)
+        // The input read in place (rows_of made it contiguous), not copied.
+        let product = |x: &[f32]| {
+            if rows <= SKINNY_ROWS {
+                skinny_matmul(x, w.as_slice(), rows, k, n)
+            } else {
+                matmul_transposed(x, rows, k, w.as_slice(), n)
+            }
+        };
+        let out = match with_f32_slice(&x2, product)? {
+            Some(out) => out,
+            None => product(&x2.flatten_all()?.to_vec1::<f32>()?),
         };
         let y = Tensor::from_vec(out, (rows, n), xs.device())?.to_dtype(xs.dtype())?;
         self.add_bias(y.reshape(shape)?)

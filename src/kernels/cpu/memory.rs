@@ -6,18 +6,22 @@
 /// hardware prefetchers stop at every page boundary. Advice only: failure changes nothing.
 pub fn advise_huge_pages(ptr: *const u8, len: usize) {
     #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = (ptr as usize).div_ceil(PAGE) * PAGE;
-        let end = (ptr as usize + len) / PAGE * PAGE;
-        if end > start {
-            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE changes no
-            // contents and no mapping we rely on.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
+    if let Some((start, len)) = whole_pages(ptr as usize, len) {
+        // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE changes no
+        // contents and no mapping we rely on.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         }
     }
+}
+
+/// The 4 KiB pages that lie wholly inside `len` bytes at `ptr`: their start and length.
+#[cfg(target_os = "linux")]
+fn whole_pages(ptr: usize, len: usize) -> Option<(usize, usize)> {
+    const PAGE: usize = 4096;
+    let start = ptr.div_ceil(PAGE) * PAGE;
+    let end = (ptr + len) / PAGE * PAGE;
+    (end > start).then(|| (start, end - start))
 }
 
 /// f32 values that live in a read-only mapping of a checkpoint file: the weights are the page
@@ -44,18 +48,14 @@ impl MappedF32 {
     /// and stay in the page cache. Reading them again is still correct (they fault back in).
     pub fn release(&self) {
         #[cfg(target_os = "linux")]
+        if let Some((start, len)) =
+            whole_pages(self.map.as_ptr() as usize + self.start, self.len * 4)
         {
-            const PAGE: usize = 4096;
-            let ptr = self.map.as_ptr() as usize + self.start;
-            let start = ptr.div_ceil(PAGE) * PAGE;
-            let end = (ptr + self.len * 4) / PAGE * PAGE;
-            if end > start {
-                // SAFETY: the range lies inside a read-only file mapping we own; MADV_DONTNEED
-                // on it only drops page-table entries, which later reads fault back in from the
-                // file, so no value anyone reads changes.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
-                }
+            // SAFETY: the range lies inside a read-only file mapping we own; MADV_DONTNEED on it
+            // only drops page-table entries, which later reads fault back in from the file, so
+            // no value anyone reads changes.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED);
             }
         }
     }
