@@ -3,7 +3,7 @@
 //!
 //!     cargo run --release --example bench -- --model DIR [--quantize q8_0|q4k|int8] [--runs 3]
 //!         [--steps 20] [--batch 8 [--batch 32]] [--vision-batch 8] [--device cuda:0]
-//!         [--dtype f16] [--random-weights] [--save-logits F | --compare-logits F]
+//!         [--dtype f16] [--random-weights] [--mmap false] [--save-logits F | --compare-logits F]
 //!
 //! --random-weights builds the model from random values on the device, from the names and
 //! shapes in DIR/tensor_shapes.json (`tools/make_large_checkpoint.py --shapes-only`): a
@@ -61,6 +61,9 @@ struct Args {
     save_logits: Option<PathBuf>,
     #[arg(long)]
     compare_logits: Option<PathBuf>,
+    /// Map the f32 weights from the files (the server's `--mmap`), or read them into memory.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    mmap: bool,
     /// Skip the machine measurements.
     #[arg(long)]
     no_hardware: bool,
@@ -287,6 +290,7 @@ fn main() -> anyhow::Result<()> {
         quantize: args.quantize.quantization(),
         dtype: args.dtype.dtype(),
         device: device.clone(),
+        mmap: args.mmap,
         ..LoadOptions::default()
     };
     options.check().map_err(anyhow::Error::msg)?;

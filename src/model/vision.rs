@@ -6,7 +6,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use crate::nn::attention::scale;
+use crate::nn::attention::softmax_scaled;
 use crate::nn::interpolate::bicubic_grid;
 use crate::nn::{linear, linear_with, Activation, Linear, LinearLoad};
 
@@ -20,9 +20,7 @@ pub(crate) fn attend(
     v: &Tensor,
     factor: f64,
 ) -> candle_core::Result<Tensor> {
-    let scores = scale(&q.matmul(&k.t()?)?, factor)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(v)
+    softmax_scaled(&q.matmul(&k.t()?)?, factor)?.matmul(v)
 }
 
 struct VisionEmbeddings {
@@ -176,9 +174,7 @@ impl VisionLayer {
         let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?)?;
         let xs = (xs + h)?;
         let h = self.layer_norm2.forward(&xs)?;
-        let h = self
-            .fc2
-            .forward(&self.act.forward(&self.fc1.forward(&h)?)?)?;
+        let h = self.fc2.forward(&self.fc1.forward_then(&h, self.act)?)?;
         Ok((xs + h)?)
     }
 }

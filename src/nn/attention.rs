@@ -1,6 +1,7 @@
 //! Attention helpers shared by the towers: head split and merge, f32 scaling as torch does it,
-//! and [`attend`], the one attention function that picks a kernel (the CPU decode-step kernel
-//! for one query per row, else candle's matmul + softmax).
+//! [`attend`], the one attention function that picks a kernel (the CPU decode-step kernel for
+//! one query per row, else candle's matmul + softmax), and [`softmax_scaled`] for unmasked
+//! scores (the vision encoder's).
 
 use candle_core::{DType, Result, Tensor};
 
@@ -15,6 +16,19 @@ pub fn scale(xs: &Tensor, factor: f64) -> Result<Tensor> {
     } else {
         (xs.to_dtype(DType::F32)? * factor)?.to_dtype(xs.dtype())
     }
+}
+
+/// `softmax(xs * factor)` over the last axis: the CPU kernel (a vectorised exp, the scaling in
+/// the same pass) for f32 CPU tensors, else candle's [`scale`] and softmax. For scores without
+/// a mask: the kernel's sums are not those of candle's op, so a row padded with masked keys
+/// would not keep its bits.
+pub fn softmax_scaled(xs: &Tensor, factor: f64) -> Result<Tensor> {
+    if cpu_kernels_for(xs) {
+        if let Some(probs) = crate::kernels::cpu::softmax::softmax_scaled(xs, factor as f32)? {
+            return Ok(probs);
+        }
+    }
+    candle_nn::ops::softmax_last_dim(&scale(xs, factor)?)
 }
 
 /// `softmax(q k^T + bias) v` with q [B, H, S, hd], k and v [B, H, T, hd] and an additive

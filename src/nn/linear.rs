@@ -24,7 +24,7 @@ pub use crate::kernels::cpu::decode::SKINNY_ROWS;
 use crate::kernels::cpu::gemm::matmul_transposed;
 pub use crate::kernels::cpu::memory::MappedF32;
 use crate::kernels::cpu::q8::Q8Matrix;
-use crate::kernels::cpu::q8_panels::PanelMatrix;
+use crate::kernels::cpu::q8_panels::{Epilogue, PanelMatrix};
 use crate::kernels::cpu::with_f32_slice;
 
 /// Weight formats a `--quantize` run may ask for.
@@ -304,13 +304,80 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The weights in column panels (per-channel int8, or q8_0 where the CPU packs it).
+    fn panels(&self) -> Option<&PanelMatrix> {
+        match &self.weight {
+            Weight::Int8(p) => Some(p),
+            Weight::Q8(q) => q.panels(),
+            _ => None,
+        }
+    }
+
+    /// `act(self.forward(xs))`. With panel weights on an f32 input, an exact GELU is applied
+    /// as the kernel stores each output row: the same bits as the separate pass, without its
+    /// read and write of the whole output.
+    pub fn forward_then(&self, xs: &Tensor, act: super::Activation) -> Result<Tensor> {
+        if act == super::Activation::Gelu && cpu_kernels_for(xs) {
+            if let Some(y) = self.panel_forward(xs, true)? {
+                return Ok(y);
+            }
+        }
+        act.forward(&self.forward(xs)?)
+    }
+
+    /// `xs @ W^T + bias` (then GELU) through the panel kernel, reading `xs` in place and adding
+    /// the bias as each row is stored; `None` unless the weights are in panels and `xs` and the
+    /// bias are f32 on the CPU.
+    fn panel_forward(&self, xs: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+        let Some(p) = self.panels() else {
+            return Ok(None);
+        };
+        if xs.dtype() != DType::F32 || !xs.device().is_cpu() {
+            return Ok(None);
+        }
+        let bias = match &self.bias {
+            Some(b) if b.dtype() == DType::F32 && b.device().is_cpu() => Some(b.contiguous()?),
+            Some(_) => return Ok(None),
+            None => None,
+        };
+        let n = p.out_features();
+        let (x2, rows, shape) = rows_of(xs, n)?;
+        let product = |x: &[f32]| -> Result<Vec<f32>> {
+            let run = |bias: Option<&[f32]>| p.matmul_then(x, rows, &Epilogue { bias, gelu });
+            match &bias {
+                Some(b) => with_f32_slice(b, |b| run(Some(b)))?
+                    .ok_or_else(|| candle_core::Error::Msg("the bias is not in CPU memory".into())),
+                None => Ok(run(None)),
+            }
+        };
+        let out = match with_f32_slice(&x2, product)? {
+            Some(out) => out?,
+            None => product(&x2.flatten_all()?.to_vec1::<f32>()?)?,
+        };
+        Ok(Some(
+            Tensor::from_vec(out, (rows, n), xs.device())?.reshape(shape)?,
+        ))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => self.dense_forward(xs, w),
             Weight::Mapped { values, out, k } => self.mapped_forward(xs, values, *out, *k),
+            Weight::Q8(_) | Weight::Int8(_) if self.panels().is_some() => {
+                if let Some(y) = self.panel_forward(xs, false)? {
+                    return Ok(y);
+                }
+                let p = self.panels().expect("checked above");
+                self.quantized_forward(xs, p.out_features(), |x2, rows| {
+                    let x = x2.flatten_all()?.to_vec1::<f32>()?;
+                    Tensor::from_vec(p.matmul(&x, rows), (rows, p.out_features()), xs.device())
+                })
+            }
             Weight::Q8(q) => self.quantized_forward(xs, q.out_features(), |x2, rows| {
-                if (rows <= SKINNY_ROWS || q.serves_any_rows()) && xs.device().is_cpu() {
+                if rows <= SKINNY_ROWS && xs.device().is_cpu() {
                     let x = x2.flatten_all()?.to_vec1::<f32>()?;
                     Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())
                 } else {

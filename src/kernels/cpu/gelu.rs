@@ -56,10 +56,40 @@ fn gelu_slice(src: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
     gelu_generic(src, out)
 }
 
+/// `xs[i] = gelu(xs[i])`: the same values as [`gelu_erf`] (a fused product's epilogue).
+pub fn gelu_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide(xs: &mut [f32]) {
+            gelu_in_place_generic(xs)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected at run time.
+            unsafe { wide(xs) };
+            return;
+        }
+    }
+    gelu_in_place_generic(xs)
+}
+
+#[inline(always)]
+fn gelu_in_place_generic(xs: &mut [f32]) {
+    for v in xs.iter_mut() {
+        *v = gelu_one(*v);
+    }
+}
+
+#[inline(always)]
+fn gelu_one(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf_rational(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 #[inline(always)]
 fn gelu_generic(src: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
     for (o, &v) in out.iter_mut().zip(src) {
-        o.write(0.5 * v * (1.0 + erf_rational(v * std::f32::consts::FRAC_1_SQRT_2)));
+        o.write(gelu_one(v));
     }
 }
 

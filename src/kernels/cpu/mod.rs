@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod memory;
 pub mod q8;
 pub mod q8_panels;
+pub mod softmax;
 
 use candle_core::{DType, Result, Tensor};
 

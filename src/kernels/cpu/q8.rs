@@ -57,6 +57,11 @@ impl Q8Matrix {
         }
     }
 
+    /// The weights in column panels, where this CPU runs that kernel.
+    pub fn panels(&self) -> Option<&PanelMatrix> {
+        self.panels.as_ref()
+    }
+
     /// Whether [`matmul`](Self::matmul) serves inputs of any number of rows (else up to 16).
     pub fn serves_any_rows(&self) -> bool {
         self.panels.is_some()

@@ -19,15 +19,16 @@ use rayon::prelude::*;
 const QK: usize = 32;
 /// Output features per panel: one zmm of int32 lanes.
 const LANES: usize = 16;
-/// Input rows per tile: 8 int32 + 8 f32 accumulators and the operands fit the 32 registers.
-const TILE_ROWS: usize = 8;
+/// A tile: `TILE_ROWS` input rows against `TILE_PANELS` panels, 24 int32 accumulators and the
+/// 4 panels' weights in the 32 registers.
+const TILE_ROWS: usize = 6;
+const TILE_PANELS: usize = 4;
 /// Work per task: as many input rows as keep their bytes within `BLOCK_BYTES` (they stay in
-/// L2 while the task's panels pass over them) against `BLOCK_PANELS` panels, each panel's
+/// L2 while the task's panels pass over them) against `TILE_PANELS` panels, each panel's
 /// weights reused by every tile of those rows. One pass of each panel over all rows instead
 /// re-read the whole input from L3 per panel once it outgrew L2 (k = 3072: 1.3x f32 against
 /// 2.0-2.2x blocked; BENCHMARKS.md).
 const BLOCK_BYTES: usize = 256 * 1024;
-const BLOCK_PANELS: usize = 4;
 
 fn block_rows(k: usize) -> usize {
     (BLOCK_BYTES / k).clamp(TILE_ROWS, 512) / TILE_ROWS * TILE_ROWS
@@ -180,15 +181,28 @@ impl PanelMatrix {
 
     /// `x [m, k] @ W^T -> [m, n]`, the inputs quantised per row in the weights' blocks.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_then(x, m, &Epilogue::default())
+    }
+
+    /// [`Self::matmul`] with `epilogue` applied to each output row as it is stored (a bias, an
+    /// activation), while the values are still in cache: the same bits as applying it after.
+    pub fn matmul_then(&self, x: &[f32], m: usize, epilogue: &Epilogue) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "input size");
+        if let Some(bias) = epilogue.bias {
+            assert_eq!(bias.len(), self.n, "bias size");
+        }
         let inputs = quantize_inputs(x, self.k, self.block);
         #[cfg(target_arch = "x86_64")]
         {
             if Self::available() {
-                return self.matmul_vnni(&inputs, m);
+                return self.matmul_vnni(&inputs, m, epilogue);
             }
         }
-        self.matmul_reference(&inputs, m)
+        let mut out = self.matmul_reference(&inputs, m);
+        for row in out.chunks_mut(self.n) {
+            epilogue.apply(row, 0);
+        }
+        out
     }
 
     /// The scalar reference: per output, per block, the exact integer sum seeded with the
@@ -217,116 +231,167 @@ impl PanelMatrix {
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn matmul_vnni(&self, inputs: &Inputs, m: usize) -> Vec<f32> {
+    fn matmul_vnni(&self, inputs: &Inputs, m: usize, epilogue: &Epilogue) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let panels = n.div_ceil(LANES);
         let panel_bytes = (k / 4) * LANES * 4;
         let panel_scales = (k / self.block) * LANES;
         let rows_per_task = block_rows(k);
         let tasks: Vec<(usize, usize)> = (0..m.div_ceil(rows_per_task))
-            .flat_map(|rb| (0..panels.div_ceil(BLOCK_PANELS)).map(move |pg| (rb, pg)))
+            .flat_map(|rb| (0..panels.div_ceil(TILE_PANELS)).map(move |pg| (rb, pg)))
             .collect();
-        // Each task's outputs [panels of its group][its rows][16], then placed in [m, n].
-        let blocks: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|&(rb, pg)| {
-                let rows = rb * rows_per_task..m.min((rb + 1) * rows_per_task);
-                let group = pg * BLOCK_PANELS..panels.min((pg + 1) * BLOCK_PANELS);
-                let mut out = vec![0f32; group.len() * rows.len() * LANES];
-                for (slot, p) in out.chunks_mut(rows.len() * LANES).zip(group) {
-                    let w = &self.packed[p * panel_bytes..(p + 1) * panel_bytes];
-                    let s = &self.scales[p * panel_scales..(p + 1) * panel_scales];
-                    // SAFETY: `available()` checked the features; the slices hold what the
-                    // tiles read (k / 4 quads of 64 bytes, k / 32 blocks of 16 scales, the
-                    // rows' inputs).
-                    unsafe { vnni::panel(inputs, rows.clone(), k, self.block, w, s, slot) }
-                }
-                out
-            })
-            .collect();
-        let mut out = vec![0f32; m * n];
-        for (&(rb, pg), block) in tasks.iter().zip(&blocks) {
-            let r0 = rb * rows_per_task;
-            let rows = m.min(r0 + rows_per_task) - r0;
-            for (g, panel) in block.chunks(rows * LANES).enumerate() {
-                let c0 = (pg * BLOCK_PANELS + g) * LANES;
-                let width = LANES.min(n - c0);
-                for r in 0..rows {
-                    out[(r0 + r) * n + c0..][..width].copy_from_slice(&panel[r * LANES..][..width]);
-                }
+        // Not zeroed: the tasks store every element, each task its own rows x columns.
+        let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+        out.resize_with(m * n, std::mem::MaybeUninit::uninit);
+        let dst = Disjoint(out.as_mut_ptr().cast::<f32>());
+        tasks.par_iter().for_each(|&(rb, pg)| {
+            let rows = rb * rows_per_task..m.min((rb + 1) * rows_per_task);
+            let group = pg * TILE_PANELS..panels.min((pg + 1) * TILE_PANELS);
+            let (c0, width) = (
+                pg * TILE_PANELS * LANES,
+                (n - pg * TILE_PANELS * LANES).min(TILE_PANELS * LANES),
+            );
+            let w: Vec<&[u8]> = group
+                .clone()
+                .map(|p| &self.packed[p * panel_bytes..(p + 1) * panel_bytes])
+                .collect();
+            let s: Vec<&[f32]> = group
+                .map(|p| &self.scales[p * panel_scales..(p + 1) * panel_scales])
+                .collect();
+            let mut store = |row: usize, values: &[f32]| {
+                // SAFETY: `row` < m and c0 + width <= n: inside `out`; no other task writes
+                // this row's columns c0..c0 + width (tasks split rows x panel groups).
+                let seg = unsafe { std::slice::from_raw_parts_mut(dst.at(row * n + c0), width) };
+                seg.copy_from_slice(&values[..width]);
+                epilogue.apply(seg, c0);
+            };
+            // SAFETY: `available()` checked the features; the slices hold what the tiles read
+            // (k / 4 quads of 64 bytes, k / block blocks of 16 scales, the rows' inputs).
+            unsafe { vnni::panels(inputs, rows, k, self.block, &w, &s, &mut store) }
+        });
+        let mut out = std::mem::ManuallyDrop::new(out);
+        // SAFETY: every element was stored above; MaybeUninit<f32> has f32's layout, and the
+        // pointer, length and capacity come from a Vec of that layout.
+        unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+    }
+}
+
+/// The output buffer, shared by tasks that each write their own disjoint part of it.
+#[derive(Clone, Copy)]
+struct Disjoint(*mut f32);
+// SAFETY: the tasks write disjoint elements (see `matmul_vnni`), and the buffer outlives them.
+unsafe impl Send for Disjoint {}
+unsafe impl Sync for Disjoint {}
+impl Disjoint {
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// What is done to a product's output row as it is stored: `+ bias`, then the exact GELU.
+/// Each is the same f32 operation as the separate pass it replaces, so the bits are the same.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// [n]: added to every row.
+    pub bias: Option<&'a [f32]>,
+    pub gelu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Applies to `seg`, the output columns `c0..c0 + seg.len()` of one row.
+    fn apply(&self, seg: &mut [f32], c0: usize) {
+        if let Some(bias) = self.bias {
+            for (y, b) in seg.iter_mut().zip(&bias[c0..]) {
+                *y += b;
             }
         }
-        out
+        if self.gelu {
+            super::gelu::gelu_in_place(seg);
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{Inputs, LANES, TILE_ROWS};
+    use super::{Inputs, LANES, TILE_PANELS, TILE_ROWS};
     use std::arch::x86_64::*;
 
-    /// Rows `i0..i0 + R` against one panel: [R][16] outputs.
+    /// Rows `i0..i0 + R` against `TILE_PANELS` panels: [R][panel][16] outputs. Each quad of
+    /// inputs loads the panels' 64 weight bytes once and broadcasts each row's 4 bytes once, so
+    /// R x TILE_PANELS `vpdpbusd` share R + TILE_PANELS loads (one panel at a time, 8 rows
+    /// issued 9 loads for 8 products and ran at about half the VNNI rate).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile<const R: usize>(
         inputs: &Inputs,
         k: usize,
         block: usize,
         i0: usize,
-        w: &[u8],
-        s: &[f32],
-    ) -> [[f32; LANES]; R] {
+        w: [&[u8]; TILE_PANELS],
+        s: [&[f32]; TILE_PANELS],
+    ) -> [[[f32; LANES]; TILE_PANELS]; R] {
         let nb = k / block;
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc = [[_mm512_setzero_ps(); TILE_PANELS]; R];
         let xq = inputs.q.as_ptr().add(i0 * k);
         for b in 0..nb {
-            let mut sum: [__m512i; R] =
-                std::array::from_fn(|r| _mm512_set1_epi32(inputs.seed[(i0 + r) * nb + b]));
+            let mut sum: [[__m512i; TILE_PANELS]; R] = std::array::from_fn(|r| {
+                [_mm512_set1_epi32(inputs.seed[(i0 + r) * nb + b]); TILE_PANELS]
+            });
             for quad in 0..block / 4 {
-                let wv =
-                    _mm512_loadu_si512(w.as_ptr().add((b * block / 4 + quad) * 64) as *const _);
+                let at = (b * block / 4 + quad) * 64;
+                let wv: [__m512i; TILE_PANELS] =
+                    std::array::from_fn(|p| _mm512_loadu_si512(w[p].as_ptr().add(at) as *const _));
                 for (r, sr) in sum.iter_mut().enumerate() {
                     let x4 = (xq.add(r * k + b * block + quad * 4) as *const i32).read_unaligned();
-                    *sr = _mm512_dpbusd_epi32(*sr, wv, _mm512_set1_epi32(x4));
+                    let xv = _mm512_set1_epi32(x4);
+                    for p in 0..TILE_PANELS {
+                        sr[p] = _mm512_dpbusd_epi32(sr[p], wv[p], xv);
+                    }
                 }
             }
-            let sw = _mm512_loadu_ps(s.as_ptr().add(b * LANES));
-            for r in 0..R {
-                let scale = _mm512_mul_ps(sw, _mm512_set1_ps(inputs.d[(i0 + r) * nb + b]));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), scale, acc[r]);
+            for p in 0..TILE_PANELS {
+                let sw = _mm512_loadu_ps(s[p].as_ptr().add(b * LANES));
+                for r in 0..R {
+                    let scale = _mm512_mul_ps(sw, _mm512_set1_ps(inputs.d[(i0 + r) * nb + b]));
+                    acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][p]), scale, acc[r][p]);
+                }
             }
         }
-        let mut out = [[0f32; LANES]; R];
+        let mut out = [[[0f32; LANES]; TILE_PANELS]; R];
         for r in 0..R {
-            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            for p in 0..TILE_PANELS {
+                _mm512_storeu_ps(out[r][p].as_mut_ptr(), acc[r][p]);
+            }
         }
         out
     }
 
-    /// Input rows `rows` against one panel, in tiles of up to `TILE_ROWS`; `out` is
-    /// [rows][16].
+    /// Input rows `rows` against the panels `w` / `s` (up to `TILE_PANELS`), in tiles of up to
+    /// `TILE_ROWS` rows; `store(row, values)` receives each row's [panel][16] results. A group
+    /// of fewer panels repeats its last one in the unused slots, whose results the caller
+    /// drops.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn panel(
+    pub unsafe fn panels(
         inputs: &Inputs,
         rows: std::ops::Range<usize>,
         k: usize,
         block: usize,
-        w: &[u8],
-        s: &[f32],
-        out: &mut [f32],
+        w: &[&[u8]],
+        s: &[&[f32]],
+        store: &mut impl FnMut(usize, &[f32]),
     ) {
+        let used = w.len();
+        let w: [&[u8]; TILE_PANELS] = std::array::from_fn(|p| w[p.min(used - 1)]);
+        let s: [&[f32]; TILE_PANELS] = std::array::from_fn(|p| s[p.min(used - 1)]);
         let mut i = rows.start;
         while i < rows.end {
             let take = (rows.end - i).min(TILE_ROWS);
-            let at = i - rows.start;
-            let dst = &mut out[at * LANES..(at + take) * LANES];
-            let mut put = |rows: &[[f32; LANES]]| {
-                for (d, r) in dst.chunks_mut(LANES).zip(rows) {
-                    d.copy_from_slice(r);
+            let mut put = |tile: &[[[f32; LANES]; TILE_PANELS]]| {
+                for (r, row) in tile.iter().enumerate() {
+                    store(i + r, row.as_flattened());
                 }
             };
             match take {
-                8 => put(&tile::<8>(inputs, k, block, i, w, s)),
-                7 => put(&tile::<7>(inputs, k, block, i, w, s)),
                 6 => put(&tile::<6>(inputs, k, block, i, w, s)),
                 5 => put(&tile::<5>(inputs, k, block, i, w, s)),
                 4 => put(&tile::<4>(inputs, k, block, i, w, s)),
@@ -435,6 +500,41 @@ mod tests {
         }
         let err = relative_error(&got, &x, &w, (m, n, k));
         assert!(err < 0.02, "relative error {err}");
+    }
+
+    #[test]
+    fn the_epilogue_gives_the_bits_of_the_separate_passes() {
+        // 70 features: one full group of 4 panels and a group using 1 of its 4 slots.
+        let (n, k, m) = (70, 128, 13);
+        let p = PanelMatrix::quantize_per_channel(&values(n * k, 5), n, k);
+        let x = values(m * k, 9);
+        let bias = values(n, 4);
+        let plain = p.matmul(&x, m);
+        let biased: Vec<f32> = plain
+            .chunks(n)
+            .flat_map(|row| row.iter().zip(&bias).map(|(y, b)| y + b))
+            .collect();
+        let fused = |gelu| {
+            let epilogue = Epilogue {
+                bias: Some(&bias),
+                gelu,
+            };
+            p.matmul_then(&x, m, &epilogue)
+        };
+        assert_eq!(fused(false), biased);
+        let mut activated = biased.clone();
+        crate::kernels::cpu::gelu::gelu_in_place(&mut activated);
+        let separate = crate::kernels::cpu::gelu::gelu_erf(
+            &candle_core::Tensor::from_vec(biased, (m, n), &candle_core::Device::Cpu).unwrap(),
+        )
+        .unwrap()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        assert_eq!(activated, separate);
+        assert_eq!(fused(true), separate);
     }
 
     #[test]
