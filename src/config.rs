@@ -29,7 +29,7 @@ impl DTypeName {
     }
 }
 
-/// `--quantize`: the vision encoder's and language model's linear weights, at load.
+/// `--quantize`: the vision encoder's, Q-Former's and language model's linear weights, at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum QuantizeName {
     #[serde(rename = "none")]
@@ -159,8 +159,8 @@ pub struct ServeArgs {
     #[arg(long, value_enum, env = "BLIP2_DTYPE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<DTypeName>,
-    /// Quantise the vision encoder's and language model's linear weights at load (not exact to
-    /// the reference; see BENCHMARKS.md for the drift) [default: none].
+    /// Quantise the vision encoder's, Q-Former's and language model's linear weights at load
+    /// (not exact to the reference; see BENCHMARKS.md for the drift) [default: none].
     #[arg(long, value_enum, env = "BLIP2_QUANTIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantize: Option<QuantizeName>,

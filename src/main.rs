@@ -90,8 +90,8 @@ struct GenerateArgs {
     /// where it is about 10x slower than f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeName,
-    /// Quantise the vision encoder's and language model's linear weights at load (faster,
-    /// smaller, not exact to the reference).
+    /// Quantise the vision encoder's, Q-Former's and language model's linear weights at load
+    /// (faster, smaller, not exact to the reference).
     #[arg(long, value_enum, default_value = "none")]
     quantize: QuantizeName,
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).

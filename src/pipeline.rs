@@ -32,8 +32,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub limits: ImageLimits,
-    /// Quantise the vision encoder's and language model's linear weights at load (CPU kernels
-    /// only).
+    /// Quantise the vision encoder's, Q-Former's and language model's linear weights at load
+    /// (CPU kernels only).
     pub quantize: Option<Quantization>,
     /// The CPU kernels, or candle's ops only (`nn::dispatch`); process-wide, set by the load.
     pub kernels: Kernels,

@@ -44,9 +44,10 @@ impl Blip2Model {
         Self::load_quantized(files, dtype, device, None, true)
     }
 
-    /// As [`Self::load`], with the vision encoder's and the language model's linear weights
-    /// quantised as they are read. With `map_files`, an unquantised f32 CPU load borrows its
-    /// linear weights from a mapping of the files instead of copying them (`loader`).
+    /// As [`Self::load`], with the vision encoder's, the Q-Former's and the language model's
+    /// linear weights quantised as they are read. With `map_files`, an unquantised f32 CPU load
+    /// borrows its linear weights from a mapping of the files instead of copying them
+    /// (`loader`).
     pub fn load_quantized(
         files: &ModelFiles,
         dtype: DType,
@@ -105,13 +106,10 @@ impl Blip2Model {
         } else {
             vb.clone()
         };
-        let qformer = QFormer::new(
-            &config.qformer,
-            config.num_query_tokens,
-            qformer_vb,
-            &load.unquantized(),
-        )
-        .map_err(wrap)?;
+        // Quantised as the vision encoder is (as the int8 peer quantises every nn.Linear): its
+        // cross-attention keys and values read all the vision tokens.
+        let qformer = QFormer::new(&config.qformer, config.num_query_tokens, qformer_vb, load)
+            .map_err(wrap)?;
         let language_projection = linear(
             config.qformer.hidden_size,
             config.text.hidden_size(),

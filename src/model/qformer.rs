@@ -103,7 +103,7 @@ impl QFormerLayer {
         }
         let ffn = self
             .output
-            .forward(&self.act.forward(&self.intermediate.forward(&h)?)?)?;
+            .forward(&self.intermediate.forward_then(&h, self.act)?)?;
         Ok(self.output_norm.forward(&(ffn + h)?)?)
     }
 }
@@ -117,7 +117,7 @@ pub struct QFormer {
 
 impl QFormer {
     /// `vb` is the checkpoint root: the query tokens live outside the `qformer.` prefix.
-    /// `load` is never quantised here (the Q-Former stays in the load dtype).
+    /// `load`'s quantisation applies to every linear layer here.
     pub fn new(
         cfg: &QFormerConfig,
         num_query_tokens: usize,

@@ -8,9 +8,10 @@
 //! or, for f32 weights mapped from the checkpoint's files ([`MappedSource`]), through the same
 //! gemm call candle makes (`kernels::cpu::gemm`).
 //!
-//! Quantisation (q8_0, q4k, per-channel int8) is an explicit argument of the constructor: the loader asks for it
-//! for the vision encoder and the language model, so the f32 copy of a quantised model never
-//! exists in full; the Q-Former, projection, norms and embeddings stay in the load dtype.
+//! Quantisation (q8_0, q4k, per-channel int8) is an explicit argument of the constructor: the
+//! loader asks for it for the vision encoder, the Q-Former and the language model, so the f32
+//! copy of a quantised model never exists in full; the projection, norms and embeddings stay in
+//! the load dtype.
 
 use std::sync::Arc;
 
@@ -79,8 +80,7 @@ impl LinearLoad {
         }
     }
 
-    /// The same source without quantisation (the Q-Former and projection stay in the load
-    /// dtype).
+    /// The same source without quantisation (the language projection stays in the load dtype).
     pub fn unquantized(&self) -> Self {
         Self::new(None, self.mapped.clone(), self.lend_dense)
     }
