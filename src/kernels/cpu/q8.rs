@@ -93,7 +93,7 @@ impl Q8Matrix {
             .zip(w.par_chunks(k))
             .for_each(|((q, d), w)| {
                 for ((qb, db), wb) in q.chunks_mut(QK).zip(d.iter_mut()).zip(w.chunks(QK)) {
-                    let amax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let amax = super::abs_max(wb);
                     let scale = amax / 127.0;
                     let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
                     super::scale_round(wb, inv, qb);
@@ -194,7 +194,7 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
     let mut q = vec![0i8; m * k];
     let mut d = vec![0f32; m * k / QK];
     for ((qb, xb), db) in q.chunks_mut(QK).zip(x.chunks(QK)).zip(d.iter_mut()) {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let amax = super::abs_max(xb);
         let scale = amax / 127.0;
         let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         super::scale_round(xb, inv, qb);

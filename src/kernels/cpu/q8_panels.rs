@@ -76,7 +76,7 @@ fn quantize_row(x: &[f32], block: usize, q: &mut [i8], d: &mut [f32], seed: &mut
         .zip(d.iter_mut())
         .zip(seed.iter_mut())
     {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let amax = super::abs_max(xb);
         let scale = amax / 127.0;
         let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         let sum = super::scale_round(xb, inv, qb);
@@ -115,7 +115,7 @@ impl PanelMatrix {
             .zip(w.par_chunks(k))
             .zip(scales.par_iter_mut())
             .for_each(|((q, w), d)| {
-                let amax = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let amax = super::abs_max(w);
                 *d = amax / 127.0;
                 let inv = if *d != 0.0 { 1.0 / *d } else { 0.0 };
                 super::scale_round(w, inv, q);
