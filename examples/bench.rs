@@ -14,8 +14,10 @@
 //! vision encoder, Q-Former + projection, prefill, one decode step at batch 1 and at --batch,
 //! one whole caption with --steps new tokens forced), the machine's read bandwidth and f32
 //! matmul GFLOP/s, and the decode floor (language-model weight bytes read per step / bandwidth).
-//! --save-logits writes the first-step logits of four image/prompt pairs; --compare-logits reads
-//! such a file (from an f32 run) and reports cosine, max |diff| and top-1 agreement.
+//! --save-logits writes, for four image/prompt pairs, the vision encoder's and the Q-Former's
+//! outputs, the first-step logits and 20 greedy tokens; --compare-logits reads such a file (from
+//! an f32 run) and reports each stage's smallest cosine, the logits' max |diff|, top-1
+//! agreement and, per pair, the first position where the greedy tokens differ.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -256,7 +258,17 @@ fn lm_step_bytes(text: &TextConfig, bytes_per_weight: f64) -> f64 {
     weights as f64 * bytes_per_weight
 }
 
-fn first_logits(p: &Blip2Pipeline) -> anyhow::Result<Vec<Vec<f32>>> {
+/// What --save-logits writes and --compare-logits reads: per image/prompt pair, each stage's
+/// output (vision `last_hidden_state`, Q-Former output, first-step logits) and 20 greedy tokens.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stages {
+    vision: Vec<Vec<f32>>,
+    qformer: Vec<Vec<f32>>,
+    logits: Vec<Vec<f32>>,
+    tokens: Vec<Vec<u32>>,
+}
+
+fn stages(p: &Blip2Pipeline) -> anyhow::Result<Stages> {
     let images = [
         "rgb_640x480.png",
         "photo_320x240.jpg",
@@ -269,7 +281,15 @@ fn first_logits(p: &Blip2Pipeline) -> anyhow::Result<Vec<Vec<f32>>> {
         Some("Question: what is it? Answer:"),
         None,
     ];
-    let mut out = Vec::new();
+    let flat = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let mut out = Stages {
+        vision: Vec::new(),
+        qformer: Vec::new(),
+        logits: Vec::new(),
+        tokens: Vec::new(),
+    };
     for (img, prompt) in images.iter().zip(prompts) {
         let bytes = std::fs::read(format!("tests/fixtures/images/{img}"))?;
         let pixels = p.images.pixel_values(&bytes)?;
@@ -277,9 +297,35 @@ fn first_logits(p: &Blip2Pipeline) -> anyhow::Result<Vec<Vec<f32>>> {
         let features = p.model.image_features(&pv)?;
         let request = SequenceRequest::new(p.prompts.build(prompt)?, GenerationParams::default());
         let batch = DecodeBatch::prefill(&p.model, &p.prompts, &features.query_embeds, &[request])?;
-        out.push(batch.logits().flatten_all()?.to_vec1::<f32>()?);
+        out.vision.push(flat(&features.vision_states)?);
+        out.qformer.push(flat(&features.query_states)?);
+        out.logits.push(flat(batch.logits())?);
+        let params = GenerationParams {
+            max_new_tokens: 20,
+            min_new_tokens: 20,
+            ..GenerationParams::default()
+        };
+        let generated = p.generate(&[bytes], &[prompt.map(str::to_string)], &[params])?;
+        out.tokens.push(generated[0].sequences[0].token_ids.clone());
     }
     Ok(out)
+}
+
+/// The smallest cosine between paired vectors.
+fn cosine_min(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let dot: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            dot / (na * nb)
+        })
+        .fold(f64::MAX, f64::min)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -415,22 +461,14 @@ fn main() -> anyhow::Result<()> {
         report["vision_floor_s"] = (flops / (rate * 1e9)).into();
     }
     if let Some(path) = &args.save_logits {
-        let logits = first_logits(&p)?;
-        std::fs::write(path, serde_json::to_vec(&logits)?)?;
+        std::fs::write(path, serde_json::to_vec(&stages(&p)?)?)?;
     }
     if let Some(path) = &args.compare_logits {
-        let reference: Vec<Vec<f32>> = serde_json::from_slice(&std::fs::read(path)?)?;
-        let ours = first_logits(&p)?;
-        let (mut cos_min, mut max_abs, mut agree) = (f64::MAX, 0f32, 0);
-        for (a, b) in ours.iter().zip(&reference) {
-            let dot: f64 = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| f64::from(*x) * f64::from(*y))
-                .sum();
-            let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-            let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-            cos_min = cos_min.min(dot / (na * nb));
+        let reference: Stages = serde_json::from_slice(&std::fs::read(path)?)?;
+        let ours = stages(&p)?;
+        let mut max_abs = 0f32;
+        let mut agree = 0;
+        for (a, b) in ours.logits.iter().zip(&reference.logits) {
             for (x, y) in a.iter().zip(b) {
                 max_abs = max_abs.max((x - y).abs());
             }
@@ -442,9 +480,19 @@ fn main() -> anyhow::Result<()> {
             };
             agree += usize::from(argmax(a) == argmax(b));
         }
-        report["logits_cosine_min"] = cos_min.into();
+        report["vision_cosine_min"] = cosine_min(&ours.vision, &reference.vision).into();
+        report["qformer_cosine_min"] = cosine_min(&ours.qformer, &reference.qformer).into();
+        report["logits_cosine_min"] = cosine_min(&ours.logits, &reference.logits).into();
         report["logits_max_abs"] = max_abs.into();
-        report["top1_agreement"] = format!("{agree}/{}", ours.len()).into();
+        report["top1_agreement"] = format!("{agree}/{}", ours.logits.len()).into();
+        // Per pair: the first position where the 20 greedy tokens differ (null: none differ).
+        let first_difference: Vec<Option<usize>> = ours
+            .tokens
+            .iter()
+            .zip(&reference.tokens)
+            .map(|(a, b)| (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)))
+            .collect();
+        report["greedy_first_difference"] = serde_json::to_value(first_difference)?;
     }
     println!("{report}");
     Ok(())
