@@ -6,22 +6,12 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use crate::nn::attention::softmax_scaled;
+use crate::nn::attention::attend_unmasked;
 use crate::nn::interpolate::bicubic_grid;
 use crate::nn::{linear, linear_with, Activation, Linear, LinearLoad};
 
 use super::config::VisionConfig;
 use super::Result;
-
-/// Softmax over the last axis of `q k^T * scale`, then `@ v`; no mask (all vision tokens see all).
-pub(crate) fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    factor: f64,
-) -> candle_core::Result<Tensor> {
-    softmax_scaled(&q.matmul(&k.t()?)?, factor)?.matmul(v)
-}
 
 struct VisionEmbeddings {
     /// Conv2d(3 -> D, kernel = stride = patch) stored as the conv weight flattened to [D, 3*p*p]:
@@ -141,7 +131,7 @@ impl VisionAttention {
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let ctx = attend(&q, &k, &v, self.scale)?
+        let ctx = attend_unmasked(&q, &k, &v, self.scale)?
             .transpose(1, 2)?
             .reshape((b, n, d))?;
         Ok(self.projection.forward(&ctx)?)

@@ -31,6 +31,45 @@ pub fn softmax_scaled(xs: &Tensor, factor: f64) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&scale(xs, factor)?)
 }
 
+/// `softmax(q k^T * factor) v` for unmasked attention (the vision encoder's), q, k and v
+/// [B, H, T, hd]. f32 CPU tensors take the CPU kernels: the heads' products one per thread
+/// and the vectorised softmax; anything else candle's matmul and [`softmax_scaled`].
+pub fn attend_unmasked(q: &Tensor, k: &Tensor, v: &Tensor, factor: f64) -> Result<Tensor> {
+    if cpu_kernels_for(q) {
+        if let Some(ctx) = attend_unmasked_cpu(q, k, v, factor)? {
+            return Ok(ctx);
+        }
+    }
+    softmax_scaled(&q.matmul(&k.t()?)?, factor)?.matmul(v)
+}
+
+fn attend_unmasked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, factor: f64) -> Result<Option<Tensor>> {
+    use crate::kernels::cpu::{gemm::batched_matmul, with_f32_slice};
+    let (b, h, s, hd) = q.dims4()?;
+    let t = k.dim(2)?;
+    if k.dims() != [b, h, t, hd] || v.dims() != k.dims() {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let scores = with_f32_slice(&q, |qs| {
+        with_f32_slice(&k, |ks| batched_matmul(qs, ks, b * h, (s, hd, t), true))
+    })?
+    .transpose()?
+    .flatten();
+    let Some(scores) = scores else {
+        return Ok(None);
+    };
+    let scores = Tensor::from_vec(scores, (b, h, s, t), q.device())?;
+    let probs = softmax_scaled(&scores, factor)?;
+    let ctx = with_f32_slice(&probs, |ps| {
+        with_f32_slice(&v, |vs| batched_matmul(ps, vs, b * h, (s, t, hd), false))
+    })?
+    .transpose()?
+    .flatten();
+    ctx.map(|c| Tensor::from_vec(c, (b, h, s, hd), q.device()))
+        .transpose()
+}
+
 /// `softmax(q k^T + bias) v` with q [B, H, S, hd], k and v [B, H, T, hd] and an additive
 /// `bias` broadcastable to [B, H, S, T] (masks with f32::MIN, T5's position bias). Scores and
 /// softmax run in f32 whatever the weights' dtype, as the reference does. One query per row with
