@@ -319,7 +319,12 @@ impl Linear {
     /// read and write of the whole output.
     pub fn forward_then(&self, xs: &Tensor, act: super::Activation) -> Result<Tensor> {
         if act == super::Activation::Gelu && cpu_kernels_for(xs) {
-            if let Some(y) = self.panel_forward(xs, true)? {
+            if let Some(y) = self
+                .panels()
+                .map(|p| self.panel_forward(xs, p, true))
+                .transpose()?
+                .flatten()
+            {
                 return Ok(y);
             }
         }
@@ -327,12 +332,8 @@ impl Linear {
     }
 
     /// `xs @ W^T + bias` (then GELU) through the panel kernel, reading `xs` in place and adding
-    /// the bias as each row is stored; `None` unless the weights are in panels and `xs` and the
-    /// bias are f32 on the CPU.
-    fn panel_forward(&self, xs: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
-        let Some(p) = self.panels() else {
-            return Ok(None);
-        };
+    /// the bias as each row is stored; `None` unless `xs` and the bias are f32 on the CPU.
+    fn panel_forward(&self, xs: &Tensor, p: &PanelMatrix, gelu: bool) -> Result<Option<Tensor>> {
         if xs.dtype() != DType::F32 || !xs.device().is_cpu() {
             return Ok(None);
         }
@@ -361,33 +362,37 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Panel weights: the fused path, else (inputs or bias in another dtype) the input cast to
+    /// f32 and the bias added after.
+    fn panels_forward(&self, xs: &Tensor, p: &PanelMatrix) -> Result<Tensor> {
+        if let Some(y) = self.panel_forward(xs, p, false)? {
+            return Ok(y);
+        }
+        self.quantized_forward(xs, p.out_features(), |x2, rows| {
+            let x = x2.flatten_all()?.to_vec1::<f32>()?;
+            Tensor::from_vec(p.matmul(&x, rows), (rows, p.out_features()), xs.device())
+        })
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => self.dense_forward(xs, w),
             Weight::Mapped { values, out, k } => self.mapped_forward(xs, values, *out, *k),
-            Weight::Q8(_) | Weight::Int8(_) if self.panels().is_some() => {
-                if let Some(y) = self.panel_forward(xs, false)? {
-                    return Ok(y);
-                }
-                let p = self.panels().expect("checked above");
-                self.quantized_forward(xs, p.out_features(), |x2, rows| {
-                    let x = x2.flatten_all()?.to_vec1::<f32>()?;
-                    Tensor::from_vec(p.matmul(&x, rows), (rows, p.out_features()), xs.device())
-                })
-            }
-            Weight::Q8(q) => self.quantized_forward(xs, q.out_features(), |x2, rows| {
-                if rows <= SKINNY_ROWS && xs.device().is_cpu() {
-                    let x = x2.flatten_all()?.to_vec1::<f32>()?;
-                    Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())
-                } else {
-                    x2.matmul(&q.dequantize(xs.device())?.t()?)
-                }
-            }),
-            Weight::Int8(p) => self.quantized_forward(xs, p.out_features(), |x2, rows| {
-                let x = x2.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(p.matmul(&x, rows), (rows, p.out_features()), xs.device())
-            }),
+            Weight::Int8(p) => self.panels_forward(xs, p),
+            Weight::Q8(q) => match q.panels() {
+                Some(p) => self.panels_forward(xs, p),
+                None => self.quantized_forward(xs, q.out_features(), |x2, rows| {
+                    if rows <= SKINNY_ROWS && xs.device().is_cpu() {
+                        let x = x2.flatten_all()?.to_vec1::<f32>()?;
+                        Tensor::from_vec(q.skinny(&x, rows), (rows, q.out_features()), xs.device())
+                    } else {
+                        x2.matmul(&q.dequantize(xs.device())?.t()?)
+                    }
+                }),
+            },
             Weight::Quantized {
                 matmul,
                 qtensor,

@@ -62,11 +62,6 @@ impl Q8Matrix {
         self.panels.as_ref()
     }
 
-    /// Whether [`matmul`](Self::matmul) serves inputs of any number of rows (else up to 16).
-    pub fn serves_any_rows(&self) -> bool {
-        self.panels.is_some()
-    }
-
     /// Quantised, in the row layout whatever the CPU: ggml's `quantize_row_q8_0` (d = max|x| /
     /// 127 kept as f16, q = round(x / d) computed with the f32 d), across threads, on the weight's
     /// own storage. The same bytes and scales as candle's quantiser (unit test).
@@ -515,6 +510,6 @@ mod tests {
             t.flatten_all().unwrap().to_vec1().unwrap()
         };
         assert_eq!(values(&rows), values(&packed));
-        assert_eq!(packed.serves_any_rows(), PanelMatrix::available());
+        assert_eq!(packed.panels().is_some(), PanelMatrix::available());
     }
 }
